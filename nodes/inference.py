@@ -1,0 +1,99 @@
+"""The four inference nodes: thin schemas over ``ctrlora_core``."""
+from ..ctrlora_core import apply_control, encode_condition, load_base, load_condition
+from . import model_folders
+
+CATEGORY = "conditioning/ctrlora"
+
+
+class LoadBaseControlNet:
+    DESCRIPTION = "Loads a CtrLoRA Base ControlNet (e.g. ctrlora_sd15_basecn700k.ckpt). Load it once; every condition shares it."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"base_name": (model_folders.list_files(model_folders.BASE_FOLDERS),
+                                           {"tooltip": "From models/ctrlora/ or models/controlnet/."})}}
+
+    RETURN_TYPES = ("CTRLORA_BASE",)
+    RETURN_NAMES = ("base",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, base_name):
+        return (load_base(model_folders.resolve(base_name, model_folders.BASE_FOLDERS, "Load Base ControlNet")),)
+
+
+class LoadCtrLoRA:
+    DESCRIPTION = "Loads one condition LoRA (canny, depth, ...) onto a base. N conditions cost one base plus N small LoRAs."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base": ("CTRLORA_BASE",),
+            "lora_name": (model_folders.list_files([model_folders.FOLDER]), {"tooltip": "From models/ctrlora/."}),
+        }}
+
+    RETURN_TYPES = ("CTRLORA",)
+    RETURN_NAMES = ("condition",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, base, lora_name):
+        return (load_condition(base, model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")),)
+
+
+class VAEConditionEncode:
+    DESCRIPTION = ("Encodes a condition image (canny map, depth map, ...) with the checkpoint's VAE, as CtrLoRA "
+                   "expects: the encoder sees the image in [0, 1].")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "vae": ("VAE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("condition_latent",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, image, vae):
+        return ({"samples": encode_condition(vae, image)},)
+
+
+class ApplyCtrLoRA:
+    DESCRIPTION = ("Adds one CtrLoRA condition to the conditioning. Chain several to combine conditions: "
+                   "the control is the sum of strength x control over the chain.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "condition": ("CTRLORA",),
+            "condition_latent": ("LATENT", {"tooltip": "From VAE Condition Encode."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Weight of this condition (official default 1.0; 0-2 is the useful range)."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, positive, negative, condition, condition_latent, strength, start_percent, end_percent):
+        return apply_control(positive, negative, condition, condition_latent["samples"],
+                             strength, start_percent, end_percent)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CtrLoRALoadBase": LoadBaseControlNet,
+    "CtrLoRALoad": LoadCtrLoRA,
+    "CtrLoRAVAEConditionEncode": VAEConditionEncode,
+    "CtrLoRAApply": ApplyCtrLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CtrLoRALoadBase": "Load Base ControlNet",
+    "CtrLoRALoad": "Load CtrLoRA",
+    "CtrLoRAVAEConditionEncode": "VAE Condition Encode",
+    "CtrLoRAApply": "Apply CtrLoRA",
+}

@@ -1,0 +1,37 @@
+"""Drives the nodes the way a workflow does, and runs a control's get_control as the sampler does."""
+import torch
+
+from conftest import pack
+
+nodes = pack.nodes.inference
+
+
+def load_condition(base_name, lora_name):
+    (base,) = nodes.LoadBaseControlNet().load(base_name)
+    (condition,) = nodes.LoadCtrLoRA().load(base, lora_name)
+    return condition
+
+
+def apply(positive, negative, condition, latent, strength=1.0, start=0.0, end=1.0):
+    return nodes.ApplyCtrLoRA().apply(positive, negative, condition, {"samples": latent}, strength, start, end)
+
+
+def control_outputs(conditioning, model, sigmas, context, x=None, batched_number=1):
+    """The control list the UNet receives for ``conditioning`` at ``sigmas`` (None when no control runs)."""
+    control = conditioning[0][1].get("control")
+    if control is None:
+        return None
+    base_model = model.model
+    control.pre_run(base_model, lambda p: base_model.model_sampling.percent_to_sigma(p))
+    if x is None:
+        x = torch.zeros(context.shape[0], 4, 16, 16)
+    try:
+        with torch.no_grad():
+            out = control.get_control(x, sigmas, {"c_crossattn": context}, batched_number, {})
+    finally:
+        control.cleanup()
+    return None if out is None else out["output"] + out["middle"]
+
+
+def sigmas_for(model, timesteps):
+    return model.model.model_sampling.sigma(timesteps.float())
