@@ -38,6 +38,9 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
                 f"Apply CtrLoRA ({self.condition.name}): the condition latent has a batch of {self.hint.shape[0]} "
                 f"but the sampled latent has {per_cond}; encode 1 condition image (used for all) or {per_cond}."
             )
+        if self.hint.shape[0] == 1:
+            # Unlike ControlNet's, this model never sees x_noisy: pair the hint with every context and timestep.
+            return self.hint.expand(x_noisy.shape[0], *self.hint.shape[1:])
         return comfy.controlnet.broadcast_image_to(self.hint, x_noisy.shape[0], batched_number)
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
