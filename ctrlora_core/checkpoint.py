@@ -37,10 +37,12 @@ def load_state_dict(path):
     try:
         sd = comfy.utils.load_torch_file(path, safe_load=True)
     except pickle.UnpicklingError as e:
-        raise CtrLoRAError(
-            f"{name}: refused to load: the file holds Python objects other than tensors, which could run code. "
-            f"Use a plain weights file (.safetensors, or a .ckpt of tensors only). Details: {str(e).splitlines()[0]}"
-        ) from e
+        if "Unsupported global" in str(e):
+            raise CtrLoRAError(
+                f"{name}: refused to load: the file holds Python objects other than tensors, which could run code. "
+                "Use a plain weights file (.safetensors, or a .ckpt of tensors only)."
+            ) from e
+        raise CtrLoRAError(f"{name}: could not be read as a .ckpt checkpoint (corrupt or truncated file?).") from e
     except Exception as e:
         raise CtrLoRAError(
             f"{name}: could not be read as a .ckpt or .safetensors checkpoint (corrupt or truncated file?): "

@@ -1,0 +1,183 @@
+"""Bad input: a clear error naming the file or input and what is wrong, and nothing written."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import comfy.cldm.cldm
+import comfy.ops
+
+from conftest import pack
+from helpers import apply, control_outputs, nodes, sigmas_for, write_lora
+from tiny import TINY_UNET, conditioning, fill_, tiny_model
+
+core = pack.ctrlora_core
+Error = core.CtrLoRAError
+
+
+def _controlnet_sd(model_channels=32):
+    """A plain ControlNet (with input_hint_block) of the tiny layout, keys as in official .pth files."""
+    config = {k: v for k, v in TINY_UNET.items() if k not in ("out_channels", "transformer_depth_output",
+                                                                "use_temporal_attention", "use_temporal_resblock")}
+    config["model_channels"] = model_channels
+    net = fill_(comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config), 0)
+    return {"control_model." + k: v for k, v in net.state_dict().items()}
+
+
+def _folder_snapshot(folder):
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+
+
+@pytest.fixture
+def folder(golden_files):
+    return golden_files
+
+
+def _expect(folder, error, match, call):
+    before = _folder_snapshot(folder)
+    with pytest.raises(error, match=match):
+        call()
+    assert _folder_snapshot(folder) == before
+
+
+def test_missing_file(folder):
+    _expect(folder, FileNotFoundError, "'nope.ckpt' is not in models/ctrlora/ or models/controlnet/",
+            lambda: nodes.LoadBaseControlNet().load("nope.ckpt"))
+    _expect(folder, Error, "nope.safetensors: file not found", lambda: core.load_base(str(folder / "nope.safetensors")))
+
+
+def test_name_cannot_escape_the_models_folder(folder):
+    (folder.parent / "outside.ckpt").write_bytes((folder / "base.ckpt").read_bytes())
+    _expect(folder, FileNotFoundError, "is not in models/ctrlora/",
+            lambda: nodes.LoadBaseControlNet().load("../outside.ckpt"))
+
+
+def test_empty_file(folder):
+    (folder / "empty.ckpt").touch()
+    _expect(folder, Error, "empty.ckpt: the file is empty", lambda: nodes.LoadBaseControlNet().load("empty.ckpt"))
+
+
+@pytest.mark.parametrize("name,content", [
+    ("garbage.ckpt", os.urandom(4096)),
+    ("garbage.safetensors", os.urandom(4096)),
+])
+def test_corrupt_file(folder, name, content):
+    (folder / name).write_bytes(content)
+    _expect(folder, Error, f"{name}: could not be read", lambda: nodes.LoadBaseControlNet().load(name))
+
+
+def test_truncated_file(folder):
+    data = (folder / "base.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    _expect(folder, Error, "truncated.ckpt: could not be read", lambda: nodes.LoadBaseControlNet().load("truncated.ckpt"))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_is_not_run(folder, tmp_path):
+    marker = tmp_path / "payload_ran"
+    with open(folder / "evil.ckpt", "wb") as f:
+        torch.save({"weight": torch.zeros(1), "payload": _Payload(str(marker))}, f)
+    _expect(folder, Error, "evil.ckpt: refused to load.*could run code", lambda: nodes.LoadBaseControlNet().load("evil.ckpt"))
+    assert not marker.exists()
+
+
+def test_plain_controlnet_as_base(folder):
+    torch.save(_controlnet_sd(), folder / "control_canny.pth")
+    _expect(folder, Error, "control_canny.pth is a regular ControlNet .*'Load ControlNet Model'",
+            lambda: nodes.LoadBaseControlNet().load("control_canny.pth"))
+
+
+def test_lora_as_base_and_base_as_lora(folder):
+    _expect(folder, Error, "lora0.ckpt is a CtrLoRA condition LoRA, not a base.*'Load CtrLoRA'",
+            lambda: nodes.LoadBaseControlNet().load("lora0.ckpt"))
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    _expect(folder, Error, "base.ckpt is a CtrLoRA base ControlNet, not a condition LoRA.*'Load Base ControlNet'",
+            lambda: nodes.LoadCtrLoRA().load(base, "base.ckpt"))
+    torch.save(_controlnet_sd(), folder / "control_depth.pth")
+    _expect(folder, Error, "control_depth.pth is a regular ControlNet",
+            lambda: nodes.LoadCtrLoRA().load(base, "control_depth.pth"))
+
+
+def test_lora_of_another_base_size(folder, tmp_path):
+    other = {k: v for k, v in _controlnet_sd(model_channels=64).items() if "input_hint_block" not in k}
+    torch.save(other, tmp_path / "big_base.ckpt")
+    big_base = core.load_base(str(tmp_path / "big_base.ckpt"))
+    write_lora(big_base, tmp_path / "big_lora.safetensors", seed=0)
+    os.replace(tmp_path / "big_lora.safetensors", folder / "big_lora.safetensors")
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    _expect(folder, Error, r"big_lora.safetensors does not fit this base ControlNet.*wrong shape: .*\(base expects",
+            lambda: nodes.LoadCtrLoRA().load(base, "big_lora.safetensors"))
+
+
+def test_lora_with_mixed_ranks(folder):
+    sd = torch.load(folder / "lora0.ckpt", weights_only=True)
+    key = next(k for k in sd if k.endswith("to_q.lora_layer.down.weight"))
+    sd[key] = torch.zeros(8, sd[key].shape[1])
+    torch.save(sd, folder / "mixed.ckpt")
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    _expect(folder, Error, "mixed.ckpt does not fit this base ControlNet.*rank 4", lambda: nodes.LoadCtrLoRA().load(base, "mixed.ckpt"))
+
+
+def test_incomplete_lora(folder):
+    sd = torch.load(folder / "lora0.ckpt", weights_only=True)
+    del sd["control_model.middle_block_out.0.weight"]
+    torch.save(sd, folder / "incomplete.ckpt")
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    _expect(folder, Error, "incomplete.ckpt does not fit.*missing: middle_block_out.0.weight",
+            lambda: nodes.LoadCtrLoRA().load(base, "incomplete.ckpt"))
+
+
+def test_base_missing_shared_weights(folder):
+    sd = torch.load(folder / "base.ckpt", weights_only=True)
+    del sd["control_model.input_blocks.1.0.in_layers.2.weight"]
+    torch.save(sd, folder / "broken_base.ckpt")
+    _expect(folder, Error, "broken_base.ckpt: not a consistent CtrLoRA base.*missing: input_blocks.1.0.in_layers.2.weight",
+            lambda: nodes.LoadBaseControlNet().load("broken_base.ckpt"))
+
+
+def test_condition_image_channels():
+    from tiny import tiny_vae
+    vae = tiny_vae()
+    encode = nodes.VAEConditionEncode().encode
+    gray, rgba = torch.rand(1, 32, 32, 1), torch.rand(1, 32, 32, 4)
+    torch.testing.assert_close(encode(gray, vae)[0]["samples"], encode(gray.repeat(1, 1, 1, 3), vae)[0]["samples"])
+    torch.testing.assert_close(encode(rgba, vae)[0]["samples"], encode(rgba[..., :3], vae)[0]["samples"])
+    with pytest.raises(Error, match="VAE Condition Encode: 2 channels"):
+        encode(torch.rand(1, 32, 32, 2), vae)
+    with pytest.raises(Error, match="smaller than"):
+        encode(torch.rand(1, 1, 1, 3), vae)
+
+
+def test_odd_image_size_is_cropped_like_vae_encode():
+    from tiny import tiny_vae
+    vae = tiny_vae()
+    odd = torch.rand(1, 33, 35, 3)
+    latent = nodes.VAEConditionEncode().encode(odd, vae)[0]["samples"]
+    assert latent.shape[-2:] == (16, 17)
+
+
+def test_latent_with_wrong_channels_and_bad_percent_range(folder):
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    (condition,) = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")
+    with pytest.raises(Error, match="condition latent has 16 channels but base.ckpt takes 4"):
+        apply(conditioning(0), conditioning(1), condition, torch.zeros(1, 16, 8, 8))
+    with pytest.raises(Error, match=r"start_percent \(0.8\) must not be greater than end_percent \(0.2\)"):
+        apply(conditioning(0), conditioning(1), condition, torch.zeros(1, 4, 8, 8), 1.0, 0.8, 0.2)
+
+
+def test_mismatched_batches_of_latent_and_condition(folder):
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    (condition,) = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")
+    model = tiny_model()
+    positive, _ = apply(conditioning(0), conditioning(1), condition, torch.zeros(2, 4, 16, 16))
+    with pytest.raises(Error, match="Apply CtrLoRA \\(lora0.ckpt\\): the condition latent has a batch of 2 but the sampled latent has 3"):
+        control_outputs(positive, model, sigmas_for(model, torch.tensor([500] * 3)), torch.zeros(3, 7, 32),
+                        x=torch.zeros(3, 4, 16, 16))
