@@ -148,3 +148,32 @@ def test_head_count_comes_from_the_sampled_model(setup):
     one_head_model.model.model_config.unet_config["num_heads"] = 1
     one_head = _run(one_head_model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     assert max((x - y).abs().max().item() for x, y in zip(two_heads, one_head)) > 1e-4
+
+
+def _direct(condition, seed=0):
+    condition.base.model.set_attention_heads({"num_heads": 2, "num_head_channels": -1})
+    generator = torch.Generator().manual_seed(seed)
+    hint, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, 32, generator=generator)
+    with torch.no_grad():
+        out = condition(hint, torch.tensor([10.0, 500.0]), context)
+    return out["output"] + out["middle"]
+
+
+def test_lowvram_partial_load_gives_the_same_control(golden_files):
+    """With lowvram ComfyUI leaves weights offloaded and casts them per layer, LoRA layers included."""
+    (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
+    condition = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    reference = _direct(condition)
+    base.patcher.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+    assert sum(getattr(m, "comfy_cast_weights", False) for m in base.model.modules()) > 0
+    for x, y in zip(reference, _direct(condition)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_half_precision_base_with_manual_cast(golden_files):
+    reference = _direct(nodes.LoadCtrLoRA().load(nodes.LoadBaseControlNet().load("base.ckpt")[0], "lora0.ckpt")[0])
+    base = core.load_base(str(golden_files / "base.ckpt"), dtype=torch.bfloat16)
+    assert base.dtype == torch.bfloat16
+    half = _direct(core.load_condition(base, str(golden_files / "lora0.ckpt")))
+    for x, y in zip(reference, half):
+        assert (x - y.float()).abs().max() <= 5e-2 * max(1.0, x.abs().max().item())
