@@ -8,10 +8,11 @@ BASE_FOLDERS = (FOLDER, "controlnet")
 
 
 def register():
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = (
-            [os.path.join(folder_paths.models_dir, FOLDER)], set(folder_paths.supported_pt_extensions)
-        )
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    extensions = folder_paths.folder_names_and_paths[FOLDER][1]
+    # An extra_model_paths.yaml entry may have created the folder first, with no extension filter.
+    if not extensions:
+        extensions.update(folder_paths.supported_pt_extensions)
 
 
 def list_files(folders):
