@@ -1,5 +1,6 @@
 """The four inference nodes: thin schemas over ``ctrlora_core``."""
 from ..ctrlora_core import apply_control, encode_condition, load_base, load_condition
+from ..ctrlora_core.info import describe_lora
 from . import model_folders
 
 CATEGORY = "conditioning/ctrlora"
@@ -34,11 +35,18 @@ class LoadCtrLoRA:
 
     RETURN_TYPES = ("CTRLORA",)
     RETURN_NAMES = ("condition",)
-    FUNCTION = "load"
+    FUNCTION = "load_and_describe"
     CATEGORY = CATEGORY
 
     def load(self, base, lora_name):
         return (load_condition(base, model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")),)
+
+    def load_and_describe(self, base, lora_name):
+        """What ComfyUI runs: ``load``, plus what the file is (condition, rank, keys, size) for the node's display."""
+        (condition,) = self.load(base, lora_name)
+        path = model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")
+        info = describe_lora(path, condition.adapter.rank, len(condition.adapter.names))
+        return {"ui": {"ctrlora_lora": [info]}, "result": (condition,)}
 
 
 class VAEConditionEncode:
