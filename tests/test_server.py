@@ -88,12 +88,16 @@ class Server:
             "    ctrlora: ctrlora/\n"
             f"    custom_nodes: {packs}\n"
         )
+        self.launch(config, base)
+
+    def launch(self, config, base, *extra_args):
+        """Starts main.py with the model paths file ``config`` and base directory ``base``; waits until it answers."""
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--extra-model-paths-config", str(config),
             "--base-directory", str(base), "--output-directory", str(self.output_dir),
             # A file database: an in-memory one logs SQLite cross-thread errors in this host.
-            "--database-url", f"sqlite:///{self.root / 'comfyui.db'}",
+            "--database-url", f"sqlite:///{self.root / 'comfyui.db'}", *extra_args,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
         with open(self.log_path, "wb") as log:
