@@ -1,0 +1,321 @@
+"""Writes workflows/*.json and their .jpg thumbnails by building each graph in the real ComfyUI page.
+
+    .venv/bin/python scripts/build_workflows.py [NAME ...]
+
+Each workflow below is a list of nodes (type, widget values by name, a layout column) and links (by slot name).
+The script starts ComfyUI with the pack (tests/ui_host.py), creates the nodes in the page with the frontend's own
+LiteGraph, connects them, lays the columns out and saves what the frontend serialises, i.e. the exact format
+ComfyUI writes when a user saves a workflow. The thumbnail is a screenshot of the loaded graph.
+The JSON files are the source of truth once written: edit them in ComfyUI and save, or change this script and run it
+again. tests/test_workflows.py proves that every file runs.
+"""
+import io
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import conftest  # noqa: E402,F401  (puts ComfyUI on sys.path, as in the tests)
+from ui_host import WORKFLOWS, ComfyPage, chromium_page, running_server  # noqa: E402
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+COMMUNITY = "realisticVisionV60B1_v51VAE.safetensors"
+BASE = "ctrlora_sd15_basecn700k.ckpt"
+CANNY = "ctrlora_sd15_basecn700k_canny_rank128.ckpt"
+LINEART = "ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt"
+PALETTE = "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt"
+SD15_MODEL = {"name": SD15, "directory": "checkpoints",
+              "url": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/" + SD15}
+CTRLORA_URL = "https://huggingface.co/xyfJASON/ctrlora"
+PLACEHOLDERS = {"checkpoints": [SD15, COMMUNITY], "ctrlora": [BASE, CANNY, LINEART, PALETTE]}
+
+POSITIVE_GENERAL = "masterpiece, best quality"
+NEGATIVE_GENERAL = "worst quality, low quality, NSFW"
+SUBJECT = "a girl with blonde hair in a pink dress standing on a green hill, blue sky with white clouds"
+NOTE_WIDTH = 420
+CANNY_THRESHOLDS = {"low_threshold": 0.4, "high_threshold": 0.8}  # ComfyUI's defaults; official 100/200 of 255
+
+
+# Heights the frontend cannot know when it creates the node (text boxes, image previews, and the room the pack's
+# loaders need for what they show: the file's description, or where a missing file goes).
+HEIGHTS = {"Note": 620, "CLIPTextEncode": 140, "LoadImage": 400, "PreviewImage": 300, "CtrLoRALoadBase": 140,
+           "CtrLoRALoad": 170}
+
+
+def node(key, type_, col, widgets=None, title=None, width=None, models=None):
+    """One node: ``widgets`` by name, laid out in column ``col`` (top to bottom in list order), ``width`` px at least."""
+    return {"key": key, "type": type_, "col": col, "title": title, "width": width, "height": HEIGHTS.get(type_),
+            "models": models, "widgets": widgets or {}}
+
+
+def note(key, col, text):
+    return node(key, "Note", col, {"text": text}, title="Read me", width=NOTE_WIDTH)
+
+
+def scale(key, col, title, method, size, crop):
+    return node(key, "ImageScale", col, {"upscale_method": method, "width": size, "height": size, "crop": crop},
+                title=title, width=300)
+
+
+def apply_widgets(strength):
+    return {"strength": strength, "start_percent": 0.0, "end_percent": 1.0}
+
+
+def models_section(*lines):
+    return "Model files (download links in the pack's README):\n" + "\n".join(f"- {line}" for line in lines)
+
+
+def layout(nodes, links):
+    """Previews go below Save Image, in its column."""
+    previews = [n for n in nodes if n["type"] == "PreviewImage"]
+    return {"nodes": [n for n in nodes if n["type"] != "PreviewImage"] + previews, "links": links}
+
+
+def sampling_nodes(col, prefix, positive_link, negative_link, model_link, vae_link):
+    """KSampler with the official settings (DDIM, 20 steps, cfg 7.5), 512x512 latent, decode, save."""
+    nodes = [
+        node("latent", "EmptyLatentImage", col, {"width": 512, "height": 512, "batch_size": 1}, width=260),
+        node("sampler", "KSampler", col, {"seed": 0, "control_after_generate": "fixed", "steps": 20, "cfg": 7.5,
+                                          "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0},
+             width=300),
+        node("decode", "VAEDecode", col + 1),
+        node("save", "SaveImage", col + 1, {"filename_prefix": prefix}, width=400),
+    ]
+    links = [
+        (*model_link, "sampler", "model"), (*positive_link, "sampler", "positive"),
+        (*negative_link, "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
+        ("sampler", "LATENT", "decode", "samples"), (*vae_link, "decode", "vae"), ("decode", "IMAGE", "save", "images"),
+    ]
+    return nodes, links
+
+
+def single_condition(checkpoint, prefix, positive, negative, read_me, checkpoint_models=None):
+    """Image -> 512x512 -> Canny -> VAE Condition Encode; base + canny LoRA; Apply CtrLoRA; sample."""
+    nodes = [
+        note("note", 0, read_me),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": checkpoint}, width=330,
+             models=checkpoint_models),
+        node("positive", "CLIPTextEncode", 1, {"text": positive}, title="Positive prompt", width=400),
+        node("negative", "CLIPTextEncode", 1, {"text": negative}, title="Negative prompt", width=400),
+        node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (your picture)", width=330),
+        scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
+        node("canny", "Canny", 2, CANNY_THRESHOLDS, title="Canny edge map", width=300),
+        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=360),
+        node("lora", "CtrLoRALoad", 3, {"lora_name": CANNY}, width=360),
+        node("encode", "CtrLoRAVAEConditionEncode", 3, width=360),
+        node("apply", "CtrLoRAApply", 3, apply_widgets(1.0), width=360),
+        node("preview", "PreviewImage", 5, title="Condition image (canny)", width=400),
+    ]
+    links = [
+        ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
+        ("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "canny", "image"),
+        ("canny", "IMAGE", "encode", "image"), ("checkpoint", "VAE", "encode", "vae"),
+        ("canny", "IMAGE", "preview", "images"),
+        ("base", "base", "lora", "base"),
+        ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
+        ("lora", "condition", "apply", "condition"), ("encode", "condition_latent", "apply", "condition_latent"),
+    ]
+    sample_nodes, sample_links = sampling_nodes(4, prefix, ("apply", "positive"), ("apply", "negative"),
+                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"))
+    return layout(nodes + sample_nodes, links + sample_links)
+
+
+def canny_sd15():
+    read_me = (
+        "CtrLoRA: one condition (canny) with Stable Diffusion 1.5\n\n"
+        "1. Pick your picture in Load Image (any size; it is resized to 512x512).\n"
+        "2. ComfyUI's Canny node turns it into an edge map (shown on the right).\n"
+        "3. VAE Condition Encode encodes that map with the checkpoint's own VAE; Apply CtrLoRA adds it to both "
+        "prompts through the shared Base ControlNet and the canny LoRA (strength 1.0).\n"
+        "4. Run. Official settings: DDIM, 20 steps, cfg 7.5, 512 px.\n\n"
+        + models_section(f"models/checkpoints/{SD15}", f"models/ctrlora/{BASE}", f"models/ctrlora/{CANNY}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    return single_condition(SD15, "ctrlora/canny_sd15", f"{SUBJECT}, {POSITIVE_GENERAL}", NEGATIVE_GENERAL,
+                            read_me, checkpoint_models=[SD15_MODEL])
+
+
+def community_checkpoint():
+    read_me = (
+        "CtrLoRA with a community checkpoint (same graph as the canny workflow)\n\n"
+        "Only the checkpoint differs: Realistic Vision V6.0 B1 (the V5.1 VAE is baked in) instead of SD1.5. "
+        "CtrLoRA works with any SD1.5-based checkpoint: the base ControlNet and LoRA stay the same, the "
+        "checkpoint's UNet is controlled and its own VAE encodes the condition image (VAE Condition Encode takes "
+        "the VAE from Load Checkpoint).\n"
+        "Swap in any other SD1.5 model the same way (Dreamshaper, anime or painting models, ...), and adapt the "
+        "prompt to its style.\n\n"
+        + models_section(f"models/checkpoints/{COMMUNITY} (civitai.com/models/4201)",
+                         f"models/ctrlora/{BASE}", f"models/ctrlora/{CANNY}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    positive = ("RAW photo, a young woman with blonde hair in a pink dress standing on a green meadow, blue sky with "
+                "white clouds, 8K UHD, DSLR, film grain, soft lighting, high detail")
+    negative = ("semi-realistic, CGI, 3D, render, sketch, drawing, comic, cartoon, anime, worst quality, low quality, "
+                "blurry, watermark, NSFW")
+    return single_condition(COMMUNITY, "ctrlora/canny_community", positive, negative, read_me)
+
+
+def style_transfer():
+    read_me = (
+        "CtrLoRA style transfer: lineart 0.85 + palette 0.35 (the official recipe)\n\n"
+        "One source picture gives two conditions, each with its own LoRA on the one shared Base ControlNet:\n"
+        "- lineart (strength 0.85) keeps the shapes. ComfyUI has no lineart preprocessor, so Canny stands in; for "
+        "best results replace it with a lineart preprocessor from a preprocessor pack (e.g. comfyui_controlnet_aux, "
+        "'Realistic Lineart').\n"
+        "- palette (strength 0.35) keeps the colours: the picture shrunk 64x (bicubic) and blown up again "
+        "(nearest), as the official palette preprocessor does. The official demo also feeds the untouched picture "
+        "to the palette LoRA: bypass the two palette resize nodes to try that.\n"
+        "The two Apply CtrLoRA nodes are chained; their controls add up. Official two-condition default is 1.0 + "
+        "1.0; 0.5-0.85 lineart with 0.35 palette suits style transfer.\n"
+        "The style comes from the checkpoint and the prompt: load a stylised SD1.5 checkpoint (oil painting, pixel "
+        "art, ink, ...) for the strongest effect.\n\n"
+        + models_section(f"models/checkpoints/{SD15} (or a stylised SD1.5 model)", f"models/ctrlora/{BASE}",
+                         f"models/ctrlora/{LINEART}", f"models/ctrlora/{PALETTE}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    nodes = [
+        note("note", 0, read_me),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": SD15}, width=330, models=[SD15_MODEL]),
+        node("positive", "CLIPTextEncode", 1, {"text": f"{SUBJECT}, oil painting, thick brush strokes, "
+                                                       f"{POSITIVE_GENERAL}"}, title="Positive prompt", width=400),
+        node("negative", "CLIPTextEncode", 1, {"text": f"photorealistic, CGI, 3D, render, {NEGATIVE_GENERAL}"},
+             title="Negative prompt", width=400),
+        node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (source picture)", width=330),
+        scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
+        node("lineart", "Canny", 2, CANNY_THRESHOLDS, title="Lineart (Canny stands in)", width=300),
+        # The official palette preprocessor: 64x bicubic downsampling, then 64x nearest upsampling.
+        scale("shrink", 2, "Palette: shrink 64x (bicubic)", "bicubic", 512 // 64, "disabled"),
+        scale("grow", 2, "Palette: back to 512 (nearest)", "nearest-exact", 512, "disabled"),
+        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=380),
+        node("lora_lineart", "CtrLoRALoad", 3, {"lora_name": LINEART}, title="Load CtrLoRA (lineart)", width=380),
+        node("lora_palette", "CtrLoRALoad", 3, {"lora_name": PALETTE}, title="Load CtrLoRA (palette)", width=380),
+        node("encode_lineart", "CtrLoRAVAEConditionEncode", 3, title="VAE Condition Encode (lineart)", width=380),
+        node("encode_palette", "CtrLoRAVAEConditionEncode", 3, title="VAE Condition Encode (palette)", width=380),
+        node("apply_lineart", "CtrLoRAApply", 4, apply_widgets(0.85), title="Apply CtrLoRA (lineart 0.85)",
+             width=330),
+        node("apply_palette", "CtrLoRAApply", 4, apply_widgets(0.35), title="Apply CtrLoRA (palette 0.35)",
+             width=330),
+        node("preview_lineart", "PreviewImage", 6, title="Condition image (lineart)", width=400),
+        node("preview_palette", "PreviewImage", 6, title="Condition image (palette)", width=400),
+    ]
+    links = [
+        ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
+        ("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "lineart", "image"),
+        ("scale", "IMAGE", "shrink", "image"), ("shrink", "IMAGE", "grow", "image"),
+        ("lineart", "IMAGE", "encode_lineart", "image"), ("checkpoint", "VAE", "encode_lineart", "vae"),
+        ("grow", "IMAGE", "encode_palette", "image"), ("checkpoint", "VAE", "encode_palette", "vae"),
+        ("lineart", "IMAGE", "preview_lineart", "images"), ("grow", "IMAGE", "preview_palette", "images"),
+        ("base", "base", "lora_lineart", "base"), ("base", "base", "lora_palette", "base"),
+        ("positive", "CONDITIONING", "apply_lineart", "positive"),
+        ("negative", "CONDITIONING", "apply_lineart", "negative"),
+        ("lora_lineart", "condition", "apply_lineart", "condition"),
+        ("encode_lineart", "condition_latent", "apply_lineart", "condition_latent"),
+        ("apply_lineart", "positive", "apply_palette", "positive"),
+        ("apply_lineart", "negative", "apply_palette", "negative"),
+        ("lora_palette", "condition", "apply_palette", "condition"),
+        ("encode_palette", "condition_latent", "apply_palette", "condition_latent"),
+    ]
+    sample_nodes, sample_links = sampling_nodes(5, "ctrlora/style_transfer", ("apply_palette", "positive"),
+                                                ("apply_palette", "negative"), ("checkpoint", "MODEL"),
+                                                ("checkpoint", "VAE"))
+    return layout(nodes + sample_nodes, links + sample_links)
+
+
+WORKFLOWS_TO_BUILD = {
+    "ctrlora-1-canny-sd15": canny_sd15,
+    "ctrlora-2-style-transfer-lineart-palette": style_transfer,
+    "ctrlora-3-community-checkpoint": community_checkpoint,
+}
+
+BUILD_JS = """async (spec) => {
+    const app = window.app;
+    app.graph.clear();
+    const made = {};
+    for (const s of spec.nodes) {
+        const node = LiteGraph.createNode(s.type);
+        if (!node) throw new Error(`unknown node type ${s.type}`);
+        app.graph.add(node);
+        if (s.title) node.title = s.title;
+        for (const [name, value] of Object.entries(s.widgets)) {
+            const widget = node.widgets?.find((w) => w.name === name);
+            if (!widget) throw new Error(`${s.type} has no widget ${name}`);
+            widget.value = value;
+        }
+        if (s.models) node.properties.models = s.models;
+        made[s.key] = node;
+    }
+    for (const [from, output, to, input] of spec.links) {
+        const a = made[from], b = made[to];
+        const o = a.outputs.findIndex((slot) => slot.name === output);
+        const i = b.inputs.findIndex((slot) => slot.name === input);
+        if (o < 0 || i < 0) throw new Error(`no link ${from}.${output} -> ${to}.${input}`);
+        a.connect(o, b, i);
+    }
+    for (const s of spec.nodes) {
+        const node = made[s.key];
+        const size = node.computeSize();
+        node.setSize([Math.max(size[0], s.width ?? 0), Math.max(size[1], s.height ?? 0)]);
+    }
+    const columns = new Map();
+    for (const s of spec.nodes) {
+        if (!columns.has(s.col)) columns.set(s.col, []);
+        columns.get(s.col).push(made[s.key]);
+    }
+    const title = LiteGraph.NODE_TITLE_HEIGHT;
+    let x = 0;
+    for (const col of [...columns.keys()].sort((a, b) => a - b)) {
+        let y = title, width = 0;
+        for (const node of columns.get(col)) {
+            node.pos = [x, y];
+            y += node.size[1] + title + 24;
+            width = Math.max(width, node.size[0]);
+        }
+        x += width + 40;
+    }
+    app.graph.setDirtyCanvas(true, true);
+    // What the frontend writes when it saves: JSON, so undefined fields are left out.
+    return JSON.parse(JSON.stringify(app.graph.serialize()));
+}"""
+
+
+THUMBNAIL_VIEWPORT = (2400, 1300)
+THUMBNAIL_WIDTH = 800
+
+
+def thumbnail(comfy, workflow, path):
+    from PIL import Image
+
+    comfy.load_workflow(workflow)
+    # The CtrLoRA part of the graph, in the 4:3 of the template browser's cards.
+    box = comfy.fit_view(padding=60, type_prefix="CtrLoRA", aspect=4 / 3)
+    png = comfy.page.screenshot(clip=box)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+    image.save(path, quality=88)
+
+
+def main(names):
+    names = names or list(WORKFLOWS_TO_BUILD)
+    models = {folder: {name: None for name in files} for folder, files in PLACEHOLDERS.items()}
+    with tempfile.TemporaryDirectory(prefix="ctrlora-build-") as tmp, \
+            running_server(pathlib.Path(tmp), models=models) as server, \
+            chromium_page(viewport=THUMBNAIL_VIEWPORT) as page:
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+        comfy = ComfyPage(page, server).open()
+        for name in names:
+            workflow = comfy.evaluate(BUILD_JS, WORKFLOWS_TO_BUILD[name]())
+            workflow.pop("id", None)
+            path = os.path.join(WORKFLOWS, f"{name}.json")
+            with open(path, "w") as f:
+                json.dump(workflow, f, indent=2)
+                f.write("\n")
+            thumbnail(comfy, workflow, os.path.join(WORKFLOWS, f"{name}.jpg"))
+            print(f"wrote {path} and its .jpg")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
