@@ -36,14 +36,21 @@ function wrap(text, width) {
   const lines = [];
   for (const paragraph of String(text).split("\n")) {
     let line = "";
-    for (const word of paragraph.split(/\s+/)) {
+    for (let word of paragraph.split(/\s+/)) {
       const next = line ? `${line} ${word}` : word;
-      if (line && measureContext.measureText(next).width > width) {
-        lines.push(line);
-        line = word;
-      } else {
+      if (measureContext.measureText(next).width <= width) {
         line = next;
+        continue;
       }
+      if (line) lines.push(line);
+      // A word wider than the box (a file name) is cut where it fills a line.
+      while (measureContext.measureText(word).width > width && word.length > 1) {
+        let cut = word.length - 1;
+        while (cut > 1 && measureContext.measureText(word.slice(0, cut)).width > width) cut -= 1;
+        lines.push(word.slice(0, cut));
+        word = word.slice(cut);
+      }
+      line = word;
     }
     lines.push(line);
   }
@@ -51,8 +58,10 @@ function wrap(text, width) {
 }
 
 function refresh(node) {
+  // Grow to fit the panels; shrink back no further than the size the node had before its first panel.
+  node.ctrloraMinHeight ??= node.size[1];
   const wanted = node.computeSize();
-  node.setSize([Math.max(node.size[0], wanted[0]), wanted[1]]);
+  node.setSize([Math.max(node.size[0], wanted[0]), Math.max(wanted[1], node.ctrloraMinHeight)]);
   node.setDirtyCanvas?.(true, true);
   app.graph?.setDirtyCanvas(true, true);
 }
@@ -134,6 +143,16 @@ export function describeLora(info) {
 
 // --- Training: loss curve and step counter ------------------------------------------------------------------
 const CHART_HEIGHT = 150;
+
+// Exponential moving average over about a twentieth of the points (at least 5).
+function smooth(points) {
+  const alpha = 2 / (Math.max(5, points.length / 20) + 1);
+  let average = points[0]?.[1];
+  return points.map(([step, loss]) => {
+    average = alpha * loss + (1 - alpha) * average;
+    return [step, average];
+  });
+}
 
 function lossChart(node) {
   const existing = node.widgets?.find((w) => w.name === "ctrlora_loss");
@@ -230,11 +249,16 @@ function lossChart(node) {
         ctx.fillText(String(first), plot.x, plot.y + plot.h + 3);
         ctx.textAlign = "right";
         ctx.fillText(String(lastStep), plot.x + plot.w, plot.y + plot.h + 3);
-        ctx.strokeStyle = "#6fb3ff";
-        ctx.lineWidth = 1.5;
-        ctx.beginPath();
-        this.points.forEach(([s, v], i) => (i ? ctx.lineTo(px(s), py(v)) : ctx.moveTo(px(s), py(v))));
-        ctx.stroke();
+        const line = (points, style, width) => {
+          ctx.strokeStyle = style;
+          ctx.lineWidth = width;
+          ctx.beginPath();
+          points.forEach(([s, v], i) => (i ? ctx.lineTo(px(s), py(v)) : ctx.moveTo(px(s), py(v))));
+          ctx.stroke();
+        };
+        // Diffusion losses are noisy: the raw values faint, their moving average bold.
+        line(this.points, "rgba(111, 179, 255, 0.35)", 1);
+        line(smooth(this.points), "#6fb3ff", 2);
         if (this.points.length === 1) {
           ctx.fillStyle = "#6fb3ff";
           ctx.fillRect(px(this.points[0][0]) - 2, py(this.points[0][1]) - 2, 4, 4);
@@ -265,9 +289,9 @@ function checkModelFile(node) {
   const notice = panel(node, "ctrlora_notice");
   if (notice.tone === "error" && notice.text) return; // an error from the last run stays until the next run
   if (!list.length) {
-    notice.set(`No CtrLoRA files in ${spec.folder}. Put them there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
+    notice.set(`No CtrLoRA files in ${spec.folder} yet. Put them there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
   } else if (widget.value && !list.includes(widget.value)) {
-    notice.set(`'${widget.value}' is not in ${spec.folder}. Download it there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
+    notice.set(`Missing file: this one is not in ${spec.folder}. Download it there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
   } else if (notice.text) {
     notice.set("");
   }

@@ -1,0 +1,137 @@
+"""Every workflow in workflows/ runs as shipped, on the real ComfyUI server, converted by the real frontend.
+
+The model files each workflow names are full-size SD1.5-shaped stand-ins with random weights
+(tests/sd15_standins.py), made once per session: the SD1.5 checkpoint (also under the community checkpoint's name),
+the Base ControlNet and rank-128 LoRAs under the released file names. ComfyUI's page loads each UI workflow
+(no missing nodes), the frontend's own ``app.graphToPrompt()`` makes the API prompt that 'Run' would queue, every
+link is checked against /object_info, only resolution and step count are made small (64 px, 1 step) so that CPU
+CI can afford it, and the prompt is queued for the page's client: it must finish with success and write its image,
+and each Load CtrLoRA node must show what its file is.
+"""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import sd15_standins
+from ui_host import comfy_page, load_workflows, running_server
+
+WORKFLOWS = load_workflows()
+CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "realisticVisionV60B1_v51VAE.safetensors")
+BASE = "ctrlora_sd15_basecn700k.ckpt"
+LORAS = {
+    "ctrlora_sd15_basecn700k_canny_rank128.ckpt": "canny",
+    "ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt": "lineart",
+    "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt": "palette",
+}
+SIZE = 64  # px: an 8x8 latent
+STEPS = 1
+RUN_TIMEOUT = 600  # s; the first run loads ~3 GB of stand-ins on 2 CPU cores
+
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory):
+    """{folder: {released file name: path}} of full-size random-weight stand-ins, written once per session."""
+    folder = tmp_path_factory.mktemp("sd15_stand_ins")
+    sd15 = sd15_standins.write_sd15_checkpoint(folder / "sd15.safetensors")
+    files = {"checkpoints": {name: str(sd15) for name in CHECKPOINTS},
+             "ctrlora": {BASE: str(sd15_standins.write_ctrlora_base(folder / "base.ckpt"))}}
+    for seed, name in enumerate(LORAS, start=10):
+        files["ctrlora"][name] = str(sd15_standins.write_ctrlora_lora(folder / name, seed=seed))
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, stand_ins):
+    with running_server(tmp_path_factory.mktemp("workflow_server"), models=stand_ins) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def comfy(server):
+    with comfy_page(server) as comfy:
+        yield comfy
+
+
+def _linked_inputs(prompt):
+    for node_id, node in prompt.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                yield node_id, node, name, value
+
+
+def check_links(prompt, object_info):
+    """Every node exists on the server and every link joins an output to an input of the same type."""
+    problems = []
+    for node_id, node in prompt.items():
+        if node["class_type"] not in object_info:
+            problems.append(f"node {node_id}: {node['class_type']} is not on the server")
+    for node_id, node, name, (source, slot) in _linked_inputs(prompt):
+        info = object_info.get(node["class_type"])
+        source_info = object_info.get(prompt.get(source, {}).get("class_type"))
+        if info is None or source_info is None:
+            problems.append(f"node {node_id}.{name}: links to missing node {source}")
+            continue
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}.get(name)
+        wanted = spec[0] if spec else None
+        given = source_info["output"][slot] if slot < len(source_info["output"]) else None
+        if wanted != given and "*" not in (wanted, given):
+            problems.append(f"node {node_id}.{name} wants {wanted}, gets {given} from {source}[{slot}]")
+    return problems
+
+
+def shrink(prompt):
+    """The prompt at SIZE px and STEPS steps; all else as shipped (the palette's 8 px stays 8 px)."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] in ("EmptyLatentImage", "ImageScale"):
+            for key in ("width", "height"):
+                inputs[key] = min(inputs[key], SIZE)
+        if "steps" in inputs and node["class_type"].startswith("KSampler"):
+            inputs["steps"] = STEPS
+    return prompt
+
+
+def _of_type(prompt, class_type):
+    return {k: v for k, v in prompt.items() if v["class_type"] == class_type}
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_runs_as_shipped(name, server, comfy):
+    workflow = WORKFLOWS[name]
+    assert comfy.load_workflow(workflow) == [], f"{name}: node types the page does not know"
+    assert comfy.dialogs() == [], f"{name}: dialogs on load (missing nodes or models?)"
+
+    prompt = comfy.graph_to_prompt()
+    shown = {n["type"] for n in workflow["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
+    assert {n["class_type"] for n in prompt.values()} == shown
+    assert check_links(prompt, server.object_info) == []
+
+    prompt_id = server.queue(shrink(prompt), client_id=comfy.client_id)
+    entry = server.wait(prompt_id, RUN_TIMEOUT)
+    status = entry["status"]
+    assert status["status_str"] == "success", server.explain(f"{name} failed: {json.dumps(status['messages'])}")
+
+    saves = _of_type(prompt, "SaveImage")
+    assert saves, f"{name} saves no image"
+    for node_id in saves:
+        for image in entry["outputs"][node_id]["images"]:
+            with Image.open(server.output_dir / image["subfolder"] / image["filename"]) as saved:
+                assert saved.size == (SIZE, SIZE)
+
+    # Load CtrLoRA reports its file; the page draws that on the node.
+    for node_id, node in _of_type(prompt, "CtrLoRALoad").items():
+        info = entry["outputs"][node_id]["ctrlora_lora"][0]
+        lora_name = node["inputs"]["lora_name"]
+        assert info == {**info, "file": lora_name, "condition": LORAS[lora_name], "rank": 128, "keys": 246}
+        comfy.page.wait_for_function(
+            "(id) => window.app.graph.getNodeById(id)?.widgets?.some((w) => w.name === 'ctrlora_info' && w.value)",
+            arg=int(node_id), timeout=10_000)
+        shown_text = comfy.evaluate(
+            "(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_info').value",
+            int(node_id))
+        assert f"{LORAS[lora_name]} · rank 128" in shown_text and "246 keys" in shown_text
+    comfy.fit_view(type_prefix="CtrLoRA")
+    comfy.screenshot(f"workflow-run-{os.path.splitext(name)[0]}.png")
