@@ -6,8 +6,23 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 host="$root/.comfyui"
-stamp="$venv/.ctrlora-setup-v1"
+stamp="$venv/.ctrlora-setup-v2"
 python="${PYTHON:-python3}"
+
+# The browser tests drive the system's Chromium (Debian packages chromium + chromium-driver) with Playwright.
+if ! command -v chromium >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[ctrlora] no chromium and no apt-get: install Chromium at /usr/bin/chromium for the browser tests" >&2
+  elif [ "$(id -u)" = 0 ]; then
+    echo "[ctrlora] installing chromium (apt)"
+    apt-get update -q && apt-get install -y -q chromium chromium-driver
+  elif command -v sudo >/dev/null 2>&1; then
+    echo "[ctrlora] installing chromium (sudo apt)"
+    sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver
+  else
+    echo "[ctrlora] no chromium and no root: apt-get install chromium chromium-driver for the browser tests" >&2
+  fi
+fi
 
 if [ -f "$stamp" ] && [ -f "$host/main.py" ]; then
   exit 0
@@ -46,6 +61,8 @@ fi
 echo "[ctrlora] installing ComfyUI and pack requirements"
 # torch is pinned above; torchaudio is optional for ComfyUI and would move torch.
 grep -vE '^(torch|torchvision|torchaudio)\b' "$host/requirements.txt" > "$venv/comfyui-requirements.txt"
-pip install -r "$venv/comfyui-requirements.txt" -r "$root/requirements.txt" requests pytest "torch==${CTRLORA_TORCH:-2.14.1}"
+# playwright drives the system's Chromium (never `playwright install`: no browser download).
+pip install -r "$venv/comfyui-requirements.txt" -r "$root/requirements.txt" requests pytest playwright \
+  "torch==${CTRLORA_TORCH:-2.14.1}"
 touch "$stamp"
 echo "[ctrlora] ready: $venv, ComfyUI at $host"
