@@ -1,6 +1,6 @@
-from . import inference, model_folders
+from . import inference, model_folders, training
 
 model_folders.register()
 
-NODE_CLASS_MAPPINGS = {**inference.NODE_CLASS_MAPPINGS}
-NODE_DISPLAY_NAME_MAPPINGS = {**inference.NODE_DISPLAY_NAME_MAPPINGS}
+NODE_CLASS_MAPPINGS = {**inference.NODE_CLASS_MAPPINGS, **training.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {**inference.NODE_DISPLAY_NAME_MAPPINGS, **training.NODE_DISPLAY_NAME_MAPPINGS}

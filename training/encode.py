@@ -1,0 +1,128 @@
+"""Encode once, train many times: hint and target latents and prompt embeddings, cached for the whole run.
+
+The official recipe re-encodes every target and hint with the VAE, and every prompt with CLIP, at every step. Here
+each image is encoded once (the VAE's posterior mode, as ComfyUI's VAE Encode and the inference hint path) and each
+distinct prompt once, plus the empty prompt used for prompt dropout.
+"""
+import dataclasses
+import hashlib
+import math
+import os
+
+import torch
+
+from ..ctrlora_core import CtrLoRAError, encode_condition
+from .dataset import load_pair
+
+EMPTY_PROMPT = ""
+
+
+def clip_prompt_encoder(clip):
+    """``prompt -> [1, tokens, channels]`` with a ComfyUI CLIP, as CLIPTextEncode does."""
+    def encode(prompt):
+        return clip.encode_from_tokens(clip.tokenize(prompt))
+    return encode
+
+
+def encode_images(vae, latent_format, condition, target):
+    """The latents a step trains on: ``(hint, x0)`` as the ControlNet and the UNet see them (``process_in`` applied).
+
+    ``condition`` and ``target`` are ComfyUI IMAGE batches. The hint goes through ``encode_condition`` exactly as
+    'VAE Condition Encode' does at inference; the target through ``vae.encode`` as 'VAE Encode' does.
+    """
+    hint = latent_format.process_in(encode_condition(vae, condition).float())
+    x0 = latent_format.process_in(vae.encode(target[..., :3]).float())
+    return hint, x0
+
+
+@dataclasses.dataclass
+class EncodedDataset:
+    hints: torch.Tensor  # [N, C, h, w], float32, CPU
+    targets: torch.Tensor  # [N, C, h, w]
+    prompt_ids: torch.Tensor  # [N] index into contexts
+    contexts: list  # [1, tokens, dim] per distinct prompt; contexts[0] is the empty prompt
+    prompts: list  # the distinct prompts, same order
+    names: list  # pair names, same order as hints
+    fingerprint: str
+
+    def __len__(self):
+        return self.hints.shape[0]
+
+    def context_batch(self, ids, device, dtype):
+        """Contexts of ``ids`` as one batch; different token lengths are repeated to their least common multiple,
+        as ComfyUI batches conditionings."""
+        items = [self.contexts[i] for i in ids.tolist()]
+        length = math.lcm(*(c.shape[1] for c in items))
+        return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in items]).to(device, dtype)
+
+
+class PromptCache:
+    def __init__(self, encode_prompt):
+        self.encode_prompt = encode_prompt
+        self.ids = {}
+        self.contexts = []
+
+    def id(self, prompt):
+        if prompt not in self.ids:
+            context = self.encode_prompt(prompt)
+            if context.ndim != 3 or context.shape[0] != 1:
+                raise CtrLoRAError(f"Train CtrLoRA: the text encoder returned shape {tuple(context.shape)} for a "
+                                   "prompt; expected [1, tokens, channels].")
+            self.ids[prompt] = len(self.contexts)
+            self.contexts.append(context.detach().to("cpu", torch.float32).clone())
+        return self.ids[prompt]
+
+
+def fingerprint(pairs, resolution):
+    """Identifies the data a run trains on (names, prompts, file sizes, resolution) so a resume can check it."""
+    digest = hashlib.sha256(f"resolution={resolution}".encode())
+    for pair in pairs:
+        for path in (pair.source, pair.target):
+            digest.update(f"|{pair.name}|{pair.prompt}|{os.path.basename(path)}|{_size(path)}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def encode_dataset(pairs, report, vae, encode_prompt, latent_format, resolution, chunk=8, on_progress=None,
+                   check_cancel=None):
+    """Loads, resizes and encodes every pair once. Unreadable pairs are skipped (and counted in ``report``).
+
+    ``on_progress(done, total)`` and ``check_cancel()`` are called between chunks of ``chunk`` pairs.
+    """
+    prompts = PromptCache(encode_prompt)
+    with torch.no_grad():
+        prompts.id(EMPTY_PROMPT)
+        hints, targets, ids, kept = [], [], [], []
+        for start in range(0, len(pairs), chunk):
+            if check_cancel is not None:
+                check_cancel()
+            loaded = [(pair, load_pair(pair, resolution, report)) for pair in pairs[start:start + chunk]]
+            loaded = [(pair, images) for pair, images in loaded if images is not None]
+            if loaded:
+                condition = torch.stack([images[0] for _, images in loaded])
+                target = torch.stack([images[1] for _, images in loaded])
+                hint, x0 = encode_images(vae, latent_format, condition, target)
+                hints.append(hint.cpu())
+                targets.append(x0.cpu())
+                for pair, _ in loaded:
+                    ids.append(prompts.id(pair.prompt))
+                    kept.append(pair)
+            if on_progress is not None:
+                on_progress(min(start + chunk, len(pairs)), len(pairs))
+    report.used = len(kept)
+    if not kept:
+        raise CtrLoRAError(f"Train CtrLoRA: no pair could be read.\n{report.summary()}")
+    dims = {c.shape[-1] for c in prompts.contexts}
+    if len(dims) != 1:
+        raise CtrLoRAError(f"Train CtrLoRA: the text encoder gave embeddings of different widths {sorted(dims)}.")
+    return EncodedDataset(
+        hints=torch.cat(hints), targets=torch.cat(targets), prompt_ids=torch.tensor(ids, dtype=torch.long),
+        contexts=prompts.contexts, prompts=list(prompts.ids), names=[p.name for p in kept],
+        fingerprint=fingerprint(kept, resolution),
+    )

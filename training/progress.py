@@ -1,0 +1,96 @@
+"""What a run shows in ComfyUI: the node's progress bar, the loss as text and as a custom event, and cancel.
+
+Events: ``ctrlora.train.progress`` (``server.PromptServer.instance.send_sync``) with ``{"node", "output", "phase",
+"status", "step", "total", "loss", "losses": [[step, loss], ...], "steps_per_s"}``. ``losses`` holds the points
+since the previous event (events are sent at most every ``min_interval`` seconds, and always for the last step),
+so a client that concatenates them has the whole curve. Without a running server nothing is sent.
+"""
+import logging
+import sys
+import time
+
+import comfy.model_management
+import comfy.utils
+
+EVENT = "ctrlora.train.progress"
+
+
+def _prompt_server():
+    server = sys.modules.get("server")  # only a running ComfyUI has imported it
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+class ComfyReporter:
+    def __init__(self, node_id=None, output="", min_interval=0.25, log_every_s=10.0):
+        self.node_id = node_id
+        self.output = output
+        self.min_interval = min_interval
+        self.log_every_s = log_every_s
+        self.bar = None
+        self.pending = []
+        self.last_sent = 0.0
+        self.last_logged = 0.0
+        self.started = None
+        self.start_step = 0
+
+    # --- ComfyUI mechanisms -------------------------------------------------------------------------------------
+    def check_cancel(self):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def _progress(self, value, total):
+        if self.bar is None or self.bar.total != total:
+            self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        self.bar.update_absolute(value, total)
+
+    def _send(self, data):
+        server = _prompt_server()
+        if server is None:
+            return
+        try:
+            server.send_sync(EVENT, {"node": self.node_id, "output": self.output, **data})
+        except Exception as e:  # a UI event must never stop a training run
+            logging.debug("Train CtrLoRA: progress event not sent: %s", e)
+
+    def _text(self, text):
+        server = _prompt_server()
+        if server is None or self.node_id is None or not hasattr(server, "send_progress_text"):
+            return
+        try:
+            server.send_progress_text(text, self.node_id)
+        except Exception as e:
+            logging.debug("Train CtrLoRA: progress text not sent: %s", e)
+
+    # --- what the loop reports ----------------------------------------------------------------------------------
+    def encoding(self, done, total):
+        self._progress(done, total)
+        self._text(f"encoding pairs {done}/{total}")
+        self._send({"phase": "encode", "status": "running", "step": done, "total": total})
+
+    def start(self, step, total):
+        self.started = time.monotonic()
+        self.start_step = step
+        self.last_logged = self.started
+        self._progress(step, total)
+        self._send({"phase": "train", "status": "running", "step": step, "total": total, "losses": []})
+
+    def step(self, step, total, loss):
+        now = time.monotonic()
+        self.pending.append([step, loss])
+        self._progress(step, total)
+        speed = (step - self.start_step) / max(now - self.started, 1e-9)
+        if now - self.last_sent >= self.min_interval or step == total:
+            self._send({"phase": "train", "status": "running", "step": step, "total": total, "loss": loss,
+                        "losses": self.pending, "steps_per_s": speed})
+            self._text(f"step {step}/{total}  loss {loss:.4f}  {speed:.2f} steps/s")
+            self.pending = []
+            self.last_sent = now
+        if now - self.last_logged >= self.log_every_s or step == total:
+            logging.info("Train CtrLoRA %s: step %d/%d, loss %.5f, %.2f steps/s", self.output, step, total, loss, speed)
+            self.last_logged = now
+
+    def finished(self, status, step, total, message=""):
+        """``status``: done, cancelled or error."""
+        self._send({"phase": "train", "status": status, "step": step, "total": total, "losses": self.pending,
+                    "message": message})
+        self.pending = []
+        self._text(f"{status} at step {step}/{total}" + (f": {message}" if message else ""))

@@ -1,0 +1,180 @@
+"""Where a run writes, and the resumable training state.
+
+``models/ctrlora/<name>.safetensors``: the finished LoRA (official key layout, written once, never overwritten).
+``models/ctrlora/<name>.train/``: the run's folder:
+
+* ``state.json`` + ``state-<step>.tensors``: everything a resume needs: the step, the condition's tensors, AdamW's
+  moments, the RNG and the data order (tensors as safetensors; scalars, config and the loss history as JSON). The
+  tensors file has no model-file extension so that model lists do not offer it. Each save writes a new tensors file,
+  then replaces ``state.json`` atomically, then removes older tensors files: a crash at any point leaves a
+  consistent state.
+* ``<name>_step000500.safetensors``: intermediate LoRA files (every ``save_every`` steps and when a run stops), which
+  'Load CtrLoRA' lists as ``<name>.train/<name>_step000500.safetensors``.
+"""
+import glob
+import json
+import os
+import re
+import tempfile
+
+import safetensors.torch
+import torch
+
+from ..ctrlora_core import CtrLoRAError
+from ..ctrlora_core.checkpoint import save_lora_file
+
+STATE_VERSION = 1
+LORA_EXTENSION = ".safetensors"
+# Settings that define the run: a resume with other values would not continue the same run.
+RUN_DEFINING = ("rank", "batch_size", "grad_accum", "lr", "prompt_dropout", "resolution", "base", "start_from",
+                "weight_decay", "precision")
+
+
+def output_paths(folder, name):
+    """``(lora_path, run_folder)`` for an output ``name``; refuses names that would leave ``folder``."""
+    raw = name
+    name = (name or "").strip()
+    if name.endswith(LORA_EXTENSION):
+        name = name[:-len(LORA_EXTENSION)]
+    if not name:
+        raise CtrLoRAError("Train CtrLoRA: the output name is empty.")
+    bad = [c for c in ("/", "\\", ":") if c in name] + ([".."] if ".." in name else [])
+    if bad or name.startswith(".") or any(ord(c) < 32 for c in name) or (os.sep in name) or \
+            (os.altsep and os.altsep in name):
+        raise CtrLoRAError(f"Train CtrLoRA: the output name {raw!r} must be a plain file name (no folders, "
+                           f"'..', ':' or leading '.'); it is saved in {folder}.")
+    return os.path.join(folder, name + LORA_EXTENSION), os.path.join(folder, name + ".train")
+
+
+def check_new_output(path):
+    if os.path.exists(path):
+        raise CtrLoRAError(f"Train CtrLoRA: {os.path.basename(path)} already exists in {os.path.dirname(path)}; "
+                           "choose another output name (existing files are never overwritten).")
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path, document):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(document, f)
+
+
+def _to_json(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def save_state(run_folder, step, config, adapter, optimizer, rng, scaler=None, losses=(), extra=None):
+    """Writes the resumable state of a run at a step boundary (atomic, see the module doc)."""
+    tensors = {f"adapter.{n}": t.detach().to("cpu", torch.float32).contiguous()
+               for n, t in zip(adapter.names, adapter.tensors)}
+    optim = optimizer.state_dict()
+    scalars = {}
+    for index, values in optim["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = _to_json(value)
+    tensors["rng.generator"] = rng["generator"].contiguous()
+    tensors["rng.order"] = rng["order"].contiguous()
+    name = f"state-{step:08d}.tensors"
+    _atomic_write(os.path.join(run_folder, name), lambda p: safetensors.torch.save_file(tensors, p))
+    document = {
+        "version": STATE_VERSION, "step": step, "tensors": name, "config": config,
+        "rank": adapter.rank, "names": list(adapter.names),
+        "optimizer": {"param_groups": _to_json(optim["param_groups"]), "scalars": scalars},
+        "rng": {"cursor": rng["cursor"], "epoch": rng["epoch"]},
+        "scaler": _to_json(scaler.state_dict()) if scaler is not None else None,
+        "losses": [list(x) for x in losses], **(extra or {}),
+    }
+    _atomic_write(os.path.join(run_folder, "state.json"), lambda p: _write_json(p, document))
+    for old in glob.glob(os.path.join(run_folder, "state-*.tensors")):
+        if os.path.basename(old) != name:
+            os.unlink(old)
+
+
+def has_state(run_folder):
+    return os.path.isfile(os.path.join(run_folder, "state.json"))
+
+
+def load_state(run_folder):
+    """``(document, tensors)`` of a saved run."""
+    path = os.path.join(run_folder, "state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+        tensors = safetensors.torch.load_file(os.path.join(run_folder, document["tensors"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CtrLoRAError(f"Train CtrLoRA: the saved run in {run_folder} cannot be read ({e}); remove that folder "
+                           "to start over, or choose another output name.") from e
+    if document.get("version") != STATE_VERSION:
+        raise CtrLoRAError(f"Train CtrLoRA: the saved run in {run_folder} has state version "
+                           f"{document.get('version')}, this pack reads {STATE_VERSION}.")
+    return document, tensors
+
+
+def check_resumable(document, config, run_folder):
+    """Refuses a resume whose settings would not continue the saved run."""
+    saved = document["config"]
+    different = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+                 for k in RUN_DEFINING if saved.get(k) != config.get(k)]
+    if different:
+        raise CtrLoRAError(
+            "Train CtrLoRA: resume: these settings differ from the saved run in "
+            f"{run_folder} (set them back to continue it, or turn resume off and pick another output name): "
+            + "; ".join(different)
+        )
+
+
+def restore_optimizer(optimizer, document, tensors):
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in document["optimizer"]["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = torch.tensor(value, dtype=torch.float32)
+    groups = document["optimizer"]["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_snapshot(run_folder, stem, step, tensors, metadata):
+    """An intermediate LoRA file for ``step``; kept if that step was saved before (same run, same weights)."""
+    path = os.path.join(run_folder, f"{stem}_step{step:06d}{LORA_EXTENSION}")
+    if not os.path.exists(path):
+        save_lora_file(tensors, path, metadata)
+    return path
+
+
+def snapshots(run_folder):
+    pattern = re.compile(r"_step(\d+)\.safetensors$")
+    found = sorted(glob.glob(os.path.join(run_folder, "*_step*.safetensors")))
+    return [p for p in found if pattern.search(p)]
+
+
+def remove_state(run_folder):
+    """Drops the resumable state of a finished run (the intermediate LoRA files stay)."""
+    for path in glob.glob(os.path.join(run_folder, "state-*.tensors")) + [os.path.join(run_folder, "state.json")]:
+        if os.path.exists(path):
+            os.unlink(path)
