@@ -35,14 +35,14 @@ RESERVED_FIELDS = ("name", "caption")
 
 # Skip reasons, in report order.
 SKIP_REASONS = {
-    "unpaired": "without a partner of the same name in the other folder",
-    "not_image": "not an image file",
-    "unreadable": "unreadable or corrupt image",
-    "outside": "path in prompt.json outside the dataset folder",
-    "missing": "listed in prompt.json but missing",
+    "unpaired": "files without a partner of the same name in the other folder",
+    "not_image": "files that are not images",
+    "unreadable": "unreadable or corrupt images",
+    "outside": "prompt.json paths outside the dataset folder",
+    "missing": "prompt.json paths to missing files",
     "bad_line": "prompt.json lines that are not a {source, target, prompt} object",
-    "duplicate": "same name with another image extension (first one kept)",
-    "name_mismatch": "file name does not fit the prompt template / file-name pattern",
+    "duplicate": "images with the same name as another (first one kept)",
+    "name_mismatch": "files whose names do not fit the prompt template / file-name pattern",
 }
 
 
@@ -262,6 +262,7 @@ def scan(folder, template="", name_pattern=""):
         )
     if not pairs:
         raise CtrLoRAError(f"Train CtrLoRA: no usable condition/target pairs.\n{report.summary()}")
+    report.used = len(pairs)  # until decoding finds unreadable ones
     return pairs, report
 
 
