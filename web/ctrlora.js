@@ -3,7 +3,7 @@
 // * Load CtrLoRA: once it has run, the node shows the file's condition, rank, key count and size
 //   (its UI output "ctrlora_lora").
 // * Training: the loss curve and step counter are drawn on the training node from the
-//   "ctrlora.train.progress" events the node sends while it runs.
+//   "ctrlora.train.progress" events the node sends while it runs; its report stays on it afterwards.
 // * Messages on the node itself: an error raised by one of the pack's nodes, and a model file the
 //   workflow names that is not in the models folder (with where to put it).
 import { app } from "../../scripts/app.js";
@@ -343,6 +343,15 @@ app.registerExtension({
         onExecuted?.apply(this, arguments);
         const info = output?.ctrlora_lora?.[0];
         if (info) panel(this, "ctrlora_info").set(describeLora(info), "info");
+      };
+    }
+    if (TRAIN_NODE.test(nodeData.name)) {
+      // The run's report (dataset, steps, where the file went) stays on the node.
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (output) {
+        onExecuted?.apply(this, arguments);
+        const report = output?.text?.join("\n");
+        if (report) panel(this, "ctrlora_info").set(report, "info");
       };
     }
     if (MODEL_WIDGETS[nodeData.name]) {
