@@ -225,10 +225,95 @@ def style_transfer():
     return layout(nodes + sample_nodes, links + sample_links)
 
 
+DENTAL_TEMPLATE = ("a 3D dental model of {jaw} teeth, {view} view, with professional lighting, high quality, "
+                   "detailed, dental photography, clinical lighting setup")
+DENTAL_PATTERN = "{jaw}_{view}_{index}"
+TRAIN_READ_ME = (
+    "Put your pairs in a folder inside ComfyUI/input (here 'dental_pairs'):\n"
+    "  dental_pairs/source/upper_front_0001.png  (condition: lighting map blended with the segmentation)\n"
+    "  dental_pairs/target/upper_front_0001.png  (what the model should draw)\n"
+    "or the official layout (prompt.json + source/ + target/). An absolute path works too.\n"
+    "The prompt comes from each file name: file_name_pattern {jaw}_{view}_{index} reads 'upper_front_0001' as "
+    "jaw=upper, view=front, and prompt_template turns that into 'a 3D dental model of upper teeth, front view, "
+    "with professional lighting, ...'.\n"
+    "Official recipe (the defaults): rank 128, AdamW lr 1e-5, batch 1, 30% empty prompts, 512 px; about 1,000 "
+    "pairs and 1,000 steps take under an hour on one 24 GB GPU. The base ControlNet and the checkpoint stay frozen.\n"
+    "The node draws the loss curve and step counter while it runs; Cancel saves the run, and queueing again with "
+    "resume on continues it. The LoRA is written to models/ctrlora/<output_name>.safetensors (never overwritten: "
+    "change output_name for a new run), with a state snapshot every save_every steps."
+)
+
+
+def train_widgets(output_name):
+    return {"dataset_folder": "dental_pairs", "prompt_template": DENTAL_TEMPLATE, "output_name": output_name,
+            "rank": 128, "steps": 1000, "batch_size": 1, "grad_accumulation": 1, "learning_rate": 1e-5,
+            "prompt_dropout": 0.3, "resolution": 512, "seed": 0, "save_every": 250, "resume": True,
+            "gradient_checkpointing": False, "file_name_pattern": DENTAL_PATTERN}
+
+
+def training_nodes(output_name, train_col):
+    nodes = [
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": SD15}, width=330, models=[SD15_MODEL]),
+        node("base", "CtrLoRALoadBase", 1, {"base_name": BASE}, width=330),
+        node("train", "CtrLoRATrain", train_col, train_widgets(output_name), title="Train CtrLoRA (dental)",
+             width=460),
+    ]
+    links = [("checkpoint", "MODEL", "train", "model"), ("checkpoint", "CLIP", "train", "clip"),
+             ("checkpoint", "VAE", "train", "vae"), ("base", "base", "train", "base")]
+    return nodes, links
+
+
+def train_dental():
+    read_me = (
+        "CtrLoRA: train a new condition from a folder of pairs (the dental case)\n\n"
+        + TRAIN_READ_ME + "\n\n"
+        + models_section(f"models/checkpoints/{SD15}", f"models/ctrlora/{BASE}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}\n"
+        "Then use the new file like any other: Load CtrLoRA lists it (press R to refresh), or see the "
+        "train-then-apply workflow."
+    )
+    nodes, links = training_nodes("dental_lighting_seg", 2)
+    return layout([note("note", 0, read_me)] + nodes, links)
+
+
+def train_then_apply():
+    read_me = (
+        "CtrLoRA: train a condition, then sample with it in the same graph\n\n"
+        "Train CtrLoRA's 'condition' output is the freshly trained LoRA on the shared base: it goes straight into "
+        "Apply CtrLoRA, so one Run trains and then draws with it. Put a new condition image (a lighting map "
+        "blended with a segmentation map, not seen in training) into ComfyUI/input as dental_condition.png, or "
+        "pick yours in Load Image.\n\n"
+        + TRAIN_READ_ME + "\n\n"
+        + models_section(f"models/checkpoints/{SD15}", f"models/ctrlora/{BASE}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    nodes, links = training_nodes("dental_lighting_seg_applied", 2)
+    subject = DENTAL_TEMPLATE.format(jaw="upper", view="front")
+    nodes += [
+        node("positive", "CLIPTextEncode", 1, {"text": subject}, title="Positive prompt", width=330),
+        node("negative", "CLIPTextEncode", 1, {"text": NEGATIVE_GENERAL}, title="Negative prompt", width=330),
+        node("image", "LoadImage", 3, {"image": "dental_condition.png"}, title="Load Image (new condition)",
+             width=330),
+        node("encode", "CtrLoRAVAEConditionEncode", 3, width=330),
+        node("apply", "CtrLoRAApply", 3, apply_widgets(1.0), width=330),
+    ]
+    links += [
+        ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
+        ("image", "IMAGE", "encode", "image"), ("checkpoint", "VAE", "encode", "vae"),
+        ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
+        ("train", "condition", "apply", "condition"), ("encode", "condition_latent", "apply", "condition_latent"),
+    ]
+    sample_nodes, sample_links = sampling_nodes(4, "ctrlora/dental", ("apply", "positive"), ("apply", "negative"),
+                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"))
+    return layout(nodes + sample_nodes, links + sample_links)
+
+
 WORKFLOWS_TO_BUILD = {
     "ctrlora-1-canny-sd15": canny_sd15,
     "ctrlora-2-style-transfer-lineart-palette": style_transfer,
     "ctrlora-3-community-checkpoint": community_checkpoint,
+    "ctrlora-4-train-dental-condition": train_dental,
+    "ctrlora-5-train-then-apply": train_then_apply,
 }
 
 BUILD_JS = """async (spec) => {
