@@ -2,15 +2,18 @@
 
 The model files each workflow names are full-size SD1.5-shaped stand-ins with random weights
 (tests/sd15_standins.py), made once per session: the SD1.5 checkpoint (also under the community checkpoint's name),
-the Base ControlNet and rank-128 LoRAs under the released file names. ComfyUI's page loads each UI workflow
+the Base ControlNet and rank-128 LoRAs under the released file names; the training workflows get a few generated
+pairs in the input folder. ComfyUI's page loads each UI workflow
 (no missing nodes), the frontend's own ``app.graphToPrompt()`` makes the API prompt that 'Run' would queue, every
 link is checked against /object_info, only resolution and step count are made small (64 px, 1 step) so that CPU
-CI can afford it, and the prompt is queued for the page's client: it must finish with success and write its image,
-and each Load CtrLoRA node must show what its file is.
+CI can afford it (training: 2 steps), and the prompt is queued for the page's client: it must finish with success
+and write its image or LoRA, each Load CtrLoRA node must show what its file is, and each training node must have
+drawn the run's loss curve from the real training events.
 """
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -27,6 +30,7 @@ LORAS = {
 }
 SIZE = 64  # px: an 8x8 latent
 STEPS = 1
+TRAIN_STEPS = 2
 RUN_TIMEOUT = 600  # s; the first run loads ~3 GB of stand-ins on 2 CPU cores
 
 
@@ -43,8 +47,23 @@ def stand_ins(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, stand_ins):
-    with running_server(tmp_path_factory.mktemp("workflow_server"), models=stand_ins) as server:
+def dental_inputs(tmp_path_factory):
+    """What the training workflows read from ComfyUI's input folder: a few pairs named for the prompt template
+    (dental_pairs/source|target/<jaw>_<view>_<index>.png) and a new condition image (dental_condition.png)."""
+    folder = tmp_path_factory.mktemp("dental_inputs")
+    rng = np.random.default_rng(0)
+    for i, (jaw, view) in enumerate([("upper", "front"), ("lower", "left"), ("upper", "top")]):
+        for kind in ("source", "target"):
+            (folder / "dental_pairs" / kind).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "dental_pairs" / kind / f"{jaw}_{view}_{i:04d}.png")
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "dental_condition.png")
+    return {"dental_pairs": str(folder / "dental_pairs"), "dental_condition.png": str(folder / "dental_condition.png")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, stand_ins, dental_inputs):
+    with running_server(tmp_path_factory.mktemp("workflow_server"), models=stand_ins, inputs=dental_inputs) as server:
         yield server
 
 
@@ -91,6 +110,8 @@ def shrink(prompt):
                 inputs[key] = min(inputs[key], SIZE)
         if "steps" in inputs and node["class_type"].startswith("KSampler"):
             inputs["steps"] = STEPS
+        if node["class_type"] == "CtrLoRATrain":
+            inputs.update(steps=TRAIN_STEPS, resolution=SIZE)
     return prompt
 
 
@@ -115,7 +136,8 @@ def test_workflow_runs_as_shipped(name, server, comfy):
     assert status["status_str"] == "success", server.explain(f"{name} failed: {json.dumps(status['messages'])}")
 
     saves = _of_type(prompt, "SaveImage")
-    assert saves, f"{name} saves no image"
+    trainers = _of_type(prompt, "CtrLoRATrain")
+    assert saves or trainers, f"{name} saves nothing"
     for node_id in saves:
         for image in entry["outputs"][node_id]["images"]:
             with Image.open(server.output_dir / image["subfolder"] / image["filename"]) as saved:
@@ -133,5 +155,16 @@ def test_workflow_runs_as_shipped(name, server, comfy):
             "(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_info').value",
             int(node_id))
         assert f"{LORAS[lora_name]} · rank 128" in shown_text and "246 keys" in shown_text
+    # Training writes its LoRA, reports, and the page drew the run's loss curve from the real events.
+    for node_id, node in trainers.items():
+        written = f"{node['inputs']['output_name']}.safetensors"
+        assert list(server.root.glob(f"**/ctrlora/{written}")), f"{written} not written in a models/ctrlora/"
+        assert written in entry["outputs"][node_id]["text"][0]
+        chart = comfy.evaluate("""(id) => {
+            const w = window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_loss');
+            return {points: w.points.map((p) => p[0]), status: w.status, header: w.value};
+        }""", int(node_id))
+        assert chart["points"] == list(range(1, TRAIN_STEPS + 1)) and chart["status"] == "done", chart
+        assert chart["header"].startswith(f"step {TRAIN_STEPS}/{TRAIN_STEPS}")
     comfy.fit_view(type_prefix="CtrLoRA")
     comfy.screenshot(f"workflow-run-{os.path.splitext(name)[0]}.png")

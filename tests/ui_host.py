@@ -45,7 +45,8 @@ class UIServer(Server):
     """A ComfyUI server for a user's view: the pack, model files, an input folder, a first-run-free user folder."""
 
     def __init__(self, root, models=None, inputs=None, fixtures=False, settings=None):
-        """``models``: {folder: {file name: source path, or None for an empty placeholder}}; ``inputs``: {name: path};
+        """``models``: {folder: {file name: source path, or None for an empty placeholder}}; ``inputs``: {name: file
+        or folder to copy};
         ``settings``: frontend settings besides the one that skips the first-run tutorial and ``READABLE``."""
         super().__init__(root)
         self.models = models or {}
@@ -65,7 +66,7 @@ class UIServer(Server):
                     os.symlink(source, models / folder / name)
         self.input_dir.mkdir(parents=True)
         for name, source in self.inputs.items():
-            shutil.copy(source, self.input_dir / name)
+            (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, self.input_dir / name)
         packs = self.root / "packs"
         packs.mkdir()
         os.symlink(ROOT, packs / PACK_LINK, target_is_directory=True)
