@@ -121,6 +121,7 @@ class Trainer:
         self.losses = []
         self.step = 0
         self.data = None
+        self.dataset_report = None
         self.in_update = False
 
     # --- setup ------------------------------------------------------------------------------------------------------
@@ -201,27 +202,32 @@ class Trainer:
             missing -= take
         return torch.cat(picked)
 
-    def sample_batch(self):
-        """One micro-batch, drawn from the run's generator in a fixed order."""
-        bs, data = self.config.batch_size, self.data
+    def draw(self):
+        """The random choices of one micro-batch, from the run's generator in a fixed order: items, prompt dropout,
+        timesteps, noise."""
+        bs = self.config.batch_size
         ids = self._indices(bs)
         dropped = torch.rand(bs, generator=self.generator) < self.config.prompt_dropout
         timesteps = torch.randint(0, self.objective.num_timesteps, (bs,), generator=self.generator)
-        noise = torch.randn((bs, *data.targets.shape[1:]), generator=self.generator)
+        noise = torch.randn((bs, *self.data.targets.shape[1:]), generator=self.generator)
+        return ids, dropped, timesteps, noise
+
+    def make_batch(self, ids, dropped, timesteps, noise):
+        """The loss inputs of a micro-batch, from the encode-once cache."""
+        data, device = self.data, self.device
         prompt_ids = torch.where(dropped, torch.zeros_like(ids), data.prompt_ids[ids])
-        device = self.device
         return {
             "hint": data.hints[ids].to(device), "x0": data.targets[ids].to(device),
             "context": data.context_batch(prompt_ids, device, torch.float32),
             "timesteps": timesteps.to(device), "noise": noise.to(device),
         }
 
-    def _train_step(self):
+    def train_step(self):
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
         total = 0.0
         for _ in range(self.config.grad_accum):
             self.reporter.check_cancel()
-            batch = self.sample_batch()
+            batch = self.make_batch(*self.draw())
             with self.autocast():
                 loss = self.objective.loss(self.condition, **batch)
             scaled = loss / self.config.grad_accum
@@ -294,7 +300,7 @@ class Trainer:
         self.reporter.start(self.step, config.steps)
         with checkpointing:
             while self.step < config.steps:
-                loss = self._train_step()
+                loss = self.train_step()
                 self.step += 1
                 self.losses.append((self.step, loss))
                 self.boundary = self._rng_state()
@@ -324,18 +330,35 @@ class Trainer:
                 f"Train CtrLoRA: {self.run_folder} holds files of an earlier run of '{self.stem}' but no state to "
                 "resume; choose another output name, or move that folder away (nothing is overwritten).")
 
-    def run(self):
+    def prepare(self):
+        """Checks the inputs, encodes the dataset once, and sets up the models, the optimizer and the random state
+        (restored from the saved run when resuming)."""
         self.config.validate()
         run_state.check_new_output(self.output_path)
-        pairs, report = scan(self.dataset_folder, self.template, self.name_pattern)
+        pairs, self.dataset_report = scan(self.dataset_folder, self.template, self.name_pattern)
         saved = self._saved_run()
         self._check_run_folder(saved)
         self.objective = NoisePrediction(self.model, self.base)
         self.base.model.set_attention_heads(self.model.model.model_config.unet_config)
         self._check_resolution()
+        with torch.inference_mode(False), torch.enable_grad():
+            data = self._encode(pairs, self.dataset_report)
+            self.objective.check_compatible(data.hints.shape[1], data.contexts[0].shape[-1])
+            if saved is not None and saved[0].get("fingerprint") != data.fingerprint:
+                raise CtrLoRAError(
+                    f"Train CtrLoRA: resume: the dataset differs from the saved run's "
+                    f"({saved[0].get('dataset_size')} pairs then, {len(data)} now, or other files/prompts). "
+                    "Restore it, or turn resume off and pick another output name.")
+            self._setup_training(saved)
+        if saved is not None:
+            self.notes.append(f"resumed at step {self.step}")
+        return self
+
+    def run(self):
         try:
+            self.prepare()
             with torch.inference_mode(False), torch.enable_grad():
-                condition = self._run(pairs, report, saved)
+                condition = self._train_and_save()
         except comfy.model_management.InterruptProcessingException:
             self.reporter.finished("cancelled", self.step, self.config.steps, self.notes[-1] if self.notes else "")
             raise
@@ -345,20 +368,10 @@ class Trainer:
         self.reporter.finished("done", self.step, self.config.steps, self.output_path)
         final_loss = f", final loss {self.losses[-1][1]:.5f}" if self.losses else ""
         lines = [f"Saved {self.output_path} (rank {self.adapter.rank}, {self.step} steps{final_loss}).",
-                 report.summary(), *self.notes]
+                 self.dataset_report.summary(), *self.notes]
         return TrainResult(condition, self.output_path, self.step, list(self.losses), "\n".join(lines))
 
-    def _run(self, pairs, report, saved):
-        data = self._encode(pairs, report)
-        self.objective.check_compatible(data.hints.shape[1], data.contexts[0].shape[-1])
-        if saved is not None and saved[0].get("fingerprint") != data.fingerprint:
-            raise CtrLoRAError(
-                f"Train CtrLoRA: resume: the dataset differs from the saved run's ({saved[0].get('dataset_size')} "
-                f"pairs then, {len(data)} now, or other files/prompts). Restore it, or turn resume off and pick "
-                "another output name.")
-        self._setup_training(saved)
-        if saved is not None:
-            self.notes.append(f"resumed at step {self.step}")
+    def _train_and_save(self):
         try:
             self._loop()
         except comfy.model_management.InterruptProcessingException:
