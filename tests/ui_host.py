@@ -158,7 +158,8 @@ class ComfyPage:
         self.console = []
         page.on("console", lambda m: self.console.append(
             {"type": m.type, "text": m.text, "url": (m.location or {}).get("url", "")}))
-        page.on("pageerror", lambda e: self.console.append({"type": "pageerror", "text": str(e), "url": ""}))
+        page.on("pageerror", lambda e: self.console.append(
+            {"type": "pageerror", "text": f"{e}\n{getattr(e, 'stack', '') or ''}", "url": ""}))
 
     def open(self):
         self.page.goto(self.server.url)
@@ -233,9 +234,11 @@ class ComfyPage:
         return path
 
     def own_console_errors(self):
-        """Console errors and page errors that come from the pack's JS (its URL or its log prefix)."""
+        """Console errors and page errors that come from the pack's JS: its URL (in the source or the stack), its
+        extension name (ComfyUI logs a failing extension hook by name) or its log prefix."""
+        marks = (EXTENSION_URL, EXTENSION_NAME, "[ctrlora]")
         return [m for m in self.console if m["type"] in ("error", "pageerror")
-                and (EXTENSION_URL in m["url"] or EXTENSION_URL in m["text"] or "[ctrlora]" in m["text"])]
+                and any(mark in m["url"] or mark in m["text"] for mark in marks)]
 
 
 def load_workflows():
