@@ -5,7 +5,8 @@
 Each workflow below is a list of nodes (type, widget values by name, a layout column) and links (by slot name).
 The script starts ComfyUI with the pack (tests/ui_host.py), creates the nodes in the page with the frontend's own
 LiteGraph, connects them, lays the columns out and saves what the frontend serialises, i.e. the exact format
-ComfyUI writes when a user saves a workflow. The thumbnail is a screenshot of the loaded graph.
+ComfyUI writes when a user saves a workflow. The thumbnail is a screenshot of the loaded graph's CtrLoRA nodes, in
+the 4:3 of the template browser's cards.
 The JSON files are the source of truth once written: edit them in ComfyUI and save, or change this script and run it
 again. tests/test_workflows.py proves that every file runs.
 """
