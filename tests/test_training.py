@@ -162,7 +162,8 @@ def test_training_from_an_existing_file_continues_from_its_weights(dataset, out)
 # --- cancel, resume ------------------------------------------------------------------------------------------------
 
 def test_cancel_mid_step_saves_a_loadable_checkpoint_and_resume_matches_an_uninterrupted_run(dataset, out):
-    """8 steps of 2 micro-batches; cancel arrives in the second micro-batch of step 6 (check 12 of the run).
+    """8 steps of 2 micro-batches; cancel arrives in the second micro-batch of step 6 (cancel check 13 of the run:
+    1 while encoding, then 2 per step), after the first micro-batch's backward.
 
     The saved state is the step-5 boundary (weights, AdamW moments, RNG and data order); the resumed run redoes
     step 6 and ends with exactly the weights of an uninterrupted run (CPU, fp32: bit-identical).
@@ -172,7 +173,7 @@ def test_cancel_mid_step_saves_a_loadable_checkpoint_and_resume_matches_an_unint
     full = trainer(model, base, vae, dataset, out, "full", config=cfg).run()
 
     with pytest.raises(Interrupted):
-        trainer(model, base, vae, dataset, out, "cond", config=cfg, reporter=CancelAt(12)).run()
+        trainer(model, base, vae, dataset, out, "cond", config=cfg, reporter=CancelAt(13)).run()
     assert not (out / "cond.safetensors").exists()
     run_folder = out / "cond.train"
     state = json.load(open(run_folder / "state.json"))
@@ -203,6 +204,14 @@ def test_resume_refuses_a_different_run(dataset, out, tmp_path):
         trainer(model, base, vae, other, out, "cond", config=config(steps=5)).run()
     # A longer run of the same settings continues it.
     assert trainer(model, base, vae, dataset, out, "cond", config=config(steps=7)).run().steps == 7
+
+
+def test_a_new_run_does_not_mix_with_files_of_an_earlier_one(dataset, out):
+    (out / "cond.train").mkdir()
+    (out / "cond.train" / "cond_step000002.safetensors").write_bytes(b"earlier run")
+    with pytest.raises(CtrLoRAError, match="earlier run"):
+        trainer(tiny.tiny_model(), golden_base(), tiny.tiny_vae(), dataset, out, "cond").run()
+    assert (out / "cond.train" / "cond_step000002.safetensors").read_bytes() == b"earlier run"
 
 
 def test_a_failing_run_never_reports_success_and_keeps_its_state(dataset, out):
@@ -259,6 +268,21 @@ def test_bf16_autocast_path_runs(dataset, out):
     assert all(torch.isfinite(torch.tensor(l)) for _, l in result.losses) and os.path.exists(result.path)
 
 
+def test_fp16_with_loss_scaling_resumes_with_its_scaler(dataset, out):
+    """The GPU path's fp16 autocast + GradScaler, on the CPU: the scaler's state is saved and restored."""
+    model, base, vae = tiny.tiny_model(), golden_base(), tiny.tiny_vae()
+    cfg = config(steps=4, precision="fp16")
+    full = trainer(model, base, vae, dataset, out, "full", config=cfg).run()
+    with pytest.raises(Interrupted):
+        trainer(model, base, vae, dataset, out, "cond", config=cfg, reporter=CancelAt(4)).run()
+    saved = json.load(open(out / "cond.train" / "state.json"))
+    assert saved["step"] == 2 and saved["scaler"]["scale"] > 1
+    resumed = trainer(model, base, vae, dataset, out, "cond", config=cfg).run()
+    expected, actual = adapter_tensors(full.path), adapter_tensors(resumed.path)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "..", "", "   ", ".hidden", "c:evil"])
@@ -307,3 +331,29 @@ def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, datase
         positive, _ = apply(*[[[torch.randn(1, 77, tiny.CONTEXT_DIM), {}]]] * 2, condition, torch.randn(1, 4, 8, 8))
         outputs = control_outputs(positive, model, sigmas_for(model, torch.tensor([10.0])), positive[0][0])
         assert len(outputs) == 5 and all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files, dataset, monkeypatch):
+    """Cancel (ComfyUI's interrupt flag) after step 2, then the same node queued again finishes the run."""
+    node = pack.nodes.training.TrainCtrLoRA
+    step = training.ComfyReporter.step
+    pressed = []
+
+    def cancel_after_step_2(self, number, total, loss):
+        step(self, number, total, loss)
+        if number == 2 and not pressed:
+            pressed.append(number)
+            comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(training.ComfyReporter, "step", cancel_after_step_2)
+    with torch.inference_mode():
+        model, vae, clip = tiny.tiny_model(), tiny.tiny_vae(), tiny_clip()
+        (base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
+        inputs = (model, clip, vae, base, dataset, "", "resumed", 4, 4, 2, 1, 1e-3, 0.3, SIZE, 0, 0, True,
+                  pack.nodes.training.NO_START, False)
+        with pytest.raises(Interrupted):
+            node().train(*inputs)
+        assert json.load(open(golden_files / "resumed.train" / "state.json"))["step"] == 2
+        assert not (golden_files / "resumed.safetensors").exists()
+        _, report = node().train(*inputs)["result"]
+    assert "resumed at step 2" in report and (golden_files / "resumed.safetensors").exists()

@@ -281,8 +281,9 @@ class Trainer:
         prepare_frozen(self.objective.unet)
         prepare_frozen(self.base.model)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type) \
-            if self.device.type == "cuda" and self.dtype != torch.float32 else None
+        # Loss scaling for fp16 compute, and on GPUs whenever half-precision weights sit in the gradient's path.
+        half = self.dtype == torch.float16 or (self.device.type == "cuda" and self.dtype != torch.float32)
+        self.scaler = torch.amp.GradScaler(self.device.type) if half else None
         if saved is not None:
             document, tensors = saved
             run_state.restore_optimizer(self.optimizer, document, tensors)
@@ -293,12 +294,16 @@ class Trainer:
             self.losses = [tuple(x) for x in document.get("losses", [])]
         self.boundary = self._rng_state()
 
+    def checkpointing(self):
+        """The context steps run in: gradient checkpointing on the shared models while it is open, if asked for."""
+        if not self.config.gradient_checkpointing:
+            return contextlib.nullcontext()
+        return gradient_checkpointing(checkpoint_targets(self.base.model, self.objective.unet))
+
     def _loop(self):
         config = self.config
-        checkpointing = gradient_checkpointing(checkpoint_targets(self.base.model, self.objective.unet)) \
-            if config.gradient_checkpointing else contextlib.nullcontext()
         self.reporter.start(self.step, config.steps)
-        with checkpointing:
+        with self.checkpointing():
             while self.step < config.steps:
                 loss = self.train_step()
                 self.step += 1
@@ -332,7 +337,13 @@ class Trainer:
 
     def prepare(self):
         """Checks the inputs, encodes the dataset once, and sets up the models, the optimizer and the random state
-        (restored from the saved run when resuming)."""
+        (restored from the saved run when resuming). Everything it creates is a normal tensor, also when ComfyUI
+        runs the node under inference mode."""
+        with torch.inference_mode(False), torch.enable_grad():
+            self._prepare()
+        return self
+
+    def _prepare(self):
         self.config.validate()
         run_state.check_new_output(self.output_path)
         pairs, self.dataset_report = scan(self.dataset_folder, self.template, self.name_pattern)
@@ -341,18 +352,16 @@ class Trainer:
         self.objective = NoisePrediction(self.model, self.base)
         self.base.model.set_attention_heads(self.model.model.model_config.unet_config)
         self._check_resolution()
-        with torch.inference_mode(False), torch.enable_grad():
-            data = self._encode(pairs, self.dataset_report)
-            self.objective.check_compatible(data.hints.shape[1], data.contexts[0].shape[-1])
-            if saved is not None and saved[0].get("fingerprint") != data.fingerprint:
-                raise CtrLoRAError(
-                    f"Train CtrLoRA: resume: the dataset differs from the saved run's "
-                    f"({saved[0].get('dataset_size')} pairs then, {len(data)} now, or other files/prompts). "
-                    "Restore it, or turn resume off and pick another output name.")
-            self._setup_training(saved)
+        data = self._encode(pairs, self.dataset_report)
+        self.objective.check_compatible(data.hints.shape[1], data.contexts[0].shape[-1])
+        if saved is not None and saved[0].get("fingerprint") != data.fingerprint:
+            raise CtrLoRAError(
+                f"Train CtrLoRA: resume: the dataset differs from the saved run's "
+                f"({saved[0].get('dataset_size')} pairs then, {len(data)} now, or other files/prompts). "
+                "Restore it, or turn resume off and pick another output name.")
+        self._setup_training(saved)
         if saved is not None:
             self.notes.append(f"resumed at step {self.step}")
-        return self
 
     def run(self):
         try:

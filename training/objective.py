@@ -33,8 +33,7 @@ class NoisePrediction:
         self.unet = inner.diffusion_model
         self.unet_dtype = inner.manual_cast_dtype or inner.get_dtype()
         self.latent_format = inner.latent_format
-        with torch.inference_mode(False):
-            sigmas = sampling.sigmas.detach().to("cpu", torch.float32).clone()
+        sigmas = sampling.sigmas.detach().to("cpu", torch.float32).clone()
         self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
         self.num_timesteps = len(sigmas)
         self.base = base

@@ -1,7 +1,7 @@
 """What a run shows in ComfyUI: the node's progress bar, the loss as text and as a custom event, and cancel.
 
-Events: ``ctrlora.train.progress`` (``server.PromptServer.instance.send_sync``) with ``{"node", "output", "phase",
-"status", "step", "total", "loss", "losses": [[step, loss], ...], "steps_per_s"}``. ``losses`` holds the points
+Events: ``ctrlora.train.progress`` (``server.PromptServer.instance.send_sync``) with ``{"node", "prompt_id", "output",
+"phase", "status", "step", "total", "loss", "losses": [[step, loss], ...], "steps_per_s"}``. ``losses`` holds the points
 since the previous event (events are sent at most every ``min_interval`` seconds, and always for the last step),
 so a client that concatenates them has the whole curve. Without a running server nothing is sent.
 """
@@ -15,6 +15,16 @@ import comfy.utils
 EVENT = "ctrlora.train.progress"
 
 
+def _executing():
+    """(prompt_id, node_id) of the node ComfyUI is running now, where this ComfyUI tells."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None, None
+    context = get_executing_context()
+    return (context.prompt_id, context.node_id) if context is not None else (None, None)
+
+
 def _prompt_server():
     server = sys.modules.get("server")  # only a running ComfyUI has imported it
     return getattr(getattr(server, "PromptServer", None), "instance", None)
@@ -22,7 +32,8 @@ def _prompt_server():
 
 class ComfyReporter:
     def __init__(self, node_id=None, output="", min_interval=0.25, log_every_s=10.0):
-        self.node_id = node_id
+        self.prompt_id, running = _executing()
+        self.node_id = node_id if node_id is not None else running
         self.output = output
         self.min_interval = min_interval
         self.log_every_s = log_every_s
@@ -47,7 +58,7 @@ class ComfyReporter:
         if server is None:
             return
         try:
-            server.send_sync(EVENT, {"node": self.node_id, "output": self.output, **data})
+            server.send_sync(EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, "output": self.output, **data})
         except Exception as e:  # a UI event must never stop a training run
             logging.debug("Train CtrLoRA: progress event not sent: %s", e)
 
