@@ -48,17 +48,11 @@ import sys
 import tempfile
 import time
 
+from bench_inference import SD15_UNET, setup_host as setup_comfyui  # bench/ is this script's folder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "comfyui_ctrlora"
 
-SD15_UNET = {
-    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-    "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None,
-    "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
-    "use_temporal_attention": False, "use_temporal_resblock": False, "num_heads": 8, "num_head_channels": -1,
-}
 SD15_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 SD15_CLIP = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -111,7 +105,6 @@ def parse_args(argv=None):
 def setup_host(device):
     """The inference benchmark's host setup (ComfyUI on sys.path, CPU mode unless CUDA, the pack imported as
     ComfyUI does), plus the test suite's tiny models on sys.path."""
-    from bench_inference import setup_host as setup_comfyui
     pack = setup_comfyui(device)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     return pack
