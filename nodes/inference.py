@@ -35,16 +35,13 @@ class LoadCtrLoRA:
 
     RETURN_TYPES = ("CTRLORA",)
     RETURN_NAMES = ("condition",)
-    FUNCTION = "load_and_describe"
+    FUNCTION = "load"
     CATEGORY = CATEGORY
 
     def load(self, base, lora_name):
-        return (load_condition(base, model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")),)
-
-    def load_and_describe(self, base, lora_name):
-        """What ComfyUI runs: ``load``, plus what the file is (condition, rank, keys, size) for the node's display."""
-        (condition,) = self.load(base, lora_name)
+        """The condition, and what the file is (condition, rank, keys, size) for the node's display."""
         path = model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")
+        condition = load_condition(base, path)
         info = describe_lora(path, condition.adapter.rank, len(condition.adapter.names))
         return {"ui": {"ctrlora_lora": [info]}, "result": (condition,)}
 

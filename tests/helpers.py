@@ -6,10 +6,14 @@ from conftest import pack
 nodes = pack.nodes.inference
 
 
+def load_lora(base, lora_name):
+    """Load CtrLoRA's condition output (the node also returns a UI description of the file)."""
+    return nodes.LoadCtrLoRA().load(base, lora_name)["result"][0]
+
+
 def load_condition(base_name, lora_name):
     (base,) = nodes.LoadBaseControlNet().load(base_name)
-    (condition,) = nodes.LoadCtrLoRA().load(base, lora_name)
-    return condition
+    return load_lora(base, lora_name)
 
 
 def apply(positive, negative, condition, latent, strength=1.0, start=0.0, end=1.0):

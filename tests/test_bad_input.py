@@ -9,7 +9,7 @@ import comfy.cldm.cldm
 import comfy.ops
 
 from conftest import pack
-from helpers import apply, control_outputs, nodes, sigmas_for, write_lora
+from helpers import apply, control_outputs, load_lora, nodes, sigmas_for, write_lora
 from tiny import TINY_UNET, conditioning, fill_, tiny_model
 
 core = pack.ctrlora_core
@@ -166,7 +166,7 @@ def test_odd_image_size_is_cropped_like_vae_encode():
 
 def test_latent_with_wrong_channels_and_bad_percent_range(folder):
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
-    (condition,) = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")
+    condition = load_lora(base, "lora0.ckpt")
     with pytest.raises(Error, match="condition latent has 16 channels but base.ckpt takes 4"):
         apply(conditioning(0), conditioning(1), condition, torch.zeros(1, 16, 8, 8))
     with pytest.raises(Error, match=r"start_percent \(0.8\) must not be greater than end_percent \(0.2\)"):
@@ -175,7 +175,7 @@ def test_latent_with_wrong_channels_and_bad_percent_range(folder):
 
 def test_mismatched_batches_of_latent_and_condition(folder):
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
-    (condition,) = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")
+    condition = load_lora(base, "lora0.ckpt")
     model = tiny_model()
     positive, _ = apply(conditioning(0), conditioning(1), condition, torch.zeros(2, 4, 16, 16))
     with pytest.raises(Error, match="Apply CtrLoRA \\(lora0.ckpt\\): the condition latent has a batch of 2 but the sampled latent has 3"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import pack
-from helpers import apply, control_outputs, load_condition, nodes, sigmas_for, write_lora
+from helpers import apply, control_outputs, load_condition, load_lora, nodes, sigmas_for, write_lora
 from tiny import conditioning, tiny_model
 
 core = pack.ctrlora_core
@@ -32,8 +32,8 @@ def _run(model, context, steps, timesteps=TIMESTEPS):
 
 def test_chained_conditions_sum_their_weighted_controls(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
-    b = nodes.LoadCtrLoRA().load(base, "second.safetensors")[0]
+    a = load_lora(base, "lora0.ckpt")
+    b = load_lora(base, "second.safetensors")
     alone_a = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     alone_b = _run(model, context, [(b, latents[1], 1.0, 0.0, 1.0)])
     both = _run(model, context, [(a, latents[0], 0.7, 0.0, 1.0), (b, latents[1], 1.3, 0.0, 1.0)])
@@ -45,7 +45,7 @@ def test_chained_conditions_sum_their_weighted_controls(setup):
 
 def test_same_lora_with_other_hint_changes_the_control(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    a = load_lora(base, "lora0.ckpt")
     first = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     second = _run(model, context, [(a, latents[1], 1.0, 0.0, 1.0)])
     assert max((x - y).abs().max().item() for x, y in zip(first, second)) > 1e-2
@@ -53,8 +53,8 @@ def test_same_lora_with_other_hint_changes_the_control(setup):
 
 def test_strength_zero_equals_no_control(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
-    b = nodes.LoadCtrLoRA().load(base, "second.safetensors")[0]
+    a = load_lora(base, "lora0.ckpt")
+    b = load_lora(base, "second.safetensors")
     assert _run(model, context, [(a, latents[0], 0.0, 0.0, 1.0)]) is None
     only_a = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     a_and_zero_b = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0), (b, latents[1], 0.0, 0.0, 1.0)])
@@ -64,7 +64,7 @@ def test_strength_zero_equals_no_control(setup):
 
 def test_strength_scales_linearly(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    a = load_lora(base, "lora0.ckpt")
     one = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     half = _run(model, context, [(a, latents[0], 0.5, 0.0, 1.0)])
     for x, y in zip(one, half):
@@ -73,8 +73,8 @@ def test_strength_scales_linearly(setup):
 
 def test_start_end_percent_limit_the_control_to_its_steps(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
-    b = nodes.LoadCtrLoRA().load(base, "second.safetensors")[0]
+    a = load_lora(base, "lora0.ckpt")
+    b = load_lora(base, "second.safetensors")
     early, late = torch.tensor([990, 990]), torch.tensor([20, 20])  # near 0% and near 100% of sampling
     late_only = [(a, latents[0], 1.0, 0.5, 1.0)]
     assert _run(model, context, late_only, early) is None
@@ -87,7 +87,7 @@ def test_start_end_percent_limit_the_control_to_its_steps(setup):
 
 def test_condition_latent_of_another_size_is_resized(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    a = load_lora(base, "lora0.ckpt")
     small = latents[0][:, :, :8, :8]
     resized = torch.nn.functional.interpolate(small, size=(16, 16), mode="bilinear")
     got = _run(model, context, [(a, small, 1.0, 0.0, 1.0)])
@@ -99,7 +99,7 @@ def test_condition_latent_of_another_size_is_resized(setup):
 
 def test_one_condition_image_serves_a_batch_and_mismatched_batches_are_refused(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    a = load_lora(base, "lora0.ckpt")
     positive, negative = apply(conditioning(0, batch=2), conditioning(1, batch=2), a, latents[0])
     x = torch.zeros(4, 4, 16, 16)  # cond and uncond of a batch of 2
     sigmas = sigmas_for(model, torch.tensor([500] * 4))
@@ -114,7 +114,7 @@ def test_one_condition_image_serves_a_batch_and_mismatched_batches_are_refused(s
 
 def test_three_conditions_hold_one_base(setup):
     base, model, latents, context = setup
-    conditions = [nodes.LoadCtrLoRA().load(base, name)[0]
+    conditions = [load_lora(base, name)
                   for name in ("lora0.ckpt", "second.safetensors", "third.safetensors")]
     assert all(c.base is base for c in conditions)
 
@@ -142,7 +142,7 @@ def test_three_conditions_hold_one_base(setup):
 
 def test_head_count_comes_from_the_sampled_model(setup):
     base, model, latents, context = setup
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    a = load_lora(base, "lora0.ckpt")
     two_heads = _run(model, context, [(a, latents[0], 1.0, 0.0, 1.0)])
     one_head_model = tiny_model(unet_config={**model.model.model_config.unet_config})
     one_head_model.model.model_config.unet_config["num_heads"] = 1
@@ -162,7 +162,7 @@ def _direct(condition, seed=0):
 def test_lowvram_partial_load_gives_the_same_control(golden_files):
     """With lowvram ComfyUI leaves weights offloaded and casts them per layer, LoRA layers included."""
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
-    condition = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    condition = load_lora(base, "lora0.ckpt")
     reference = _direct(condition)
     base.patcher.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
     assert sum(getattr(m, "comfy_cast_weights", False) for m in base.model.modules()) > 0
@@ -171,7 +171,7 @@ def test_lowvram_partial_load_gives_the_same_control(golden_files):
 
 
 def test_half_precision_base_with_manual_cast(golden_files):
-    reference = _direct(nodes.LoadCtrLoRA().load(nodes.LoadBaseControlNet().load("base.ckpt")[0], "lora0.ckpt")[0])
+    reference = _direct(load_lora(nodes.LoadBaseControlNet().load("base.ckpt")[0], "lora0.ckpt"))
     base = core.load_base(str(golden_files / "base.ckpt"), dtype=torch.bfloat16)
     assert base.dtype == torch.bfloat16
     half = _direct(core.load_condition(base, str(golden_files / "lora0.ckpt")))

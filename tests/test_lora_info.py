@@ -22,7 +22,7 @@ def test_condition_name_from_the_file_name(name, condition, images, steps):
 
 def test_load_ctrlora_returns_the_condition_and_a_description_for_the_ui(golden_files):
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
-    out = nodes.LoadCtrLoRA().load_and_describe(base, "lora0.ckpt")
+    out = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")
     condition = out["result"][0]
     assert isinstance(condition, pack.ctrlora_core.Condition)
     (described,) = out["ui"]["ctrlora_lora"]
@@ -38,5 +38,5 @@ def test_a_trained_safetensors_file_reports_its_steps_and_pairs(golden_files):
     tensors = pack.ctrlora_core.checkpoint.load_state_dict(str(path))
     path.unlink()
     pack.ctrlora_core.checkpoint.save_lora_file(tensors, str(path), {"steps": 1000, "dataset_size": 2000})
-    (described,) = nodes.LoadCtrLoRA().load_and_describe(base, "dental.safetensors")["ui"]["ctrlora_lora"]
+    (described,) = nodes.LoadCtrLoRA().load(base, "dental.safetensors")["ui"]["ctrlora_lora"]
     assert described["condition"] == "dental" and described["trained"] == "1000 steps on 2000 pairs"

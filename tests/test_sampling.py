@@ -4,7 +4,7 @@ import torch
 
 import nodes as comfy_nodes
 
-from helpers import apply, nodes, write_lora
+from helpers import apply, load_lora, nodes, write_lora
 from tiny import conditioning, tiny_model, tiny_vae
 
 
@@ -31,7 +31,7 @@ def graph(golden_files):
 ])
 def test_control_changes_sampling_and_is_deterministic(graph, sampler, scheduler, cfg, batch):
     base, model, hint = graph
-    condition = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    condition = load_lora(base, "lora0.ckpt")
     plain = (conditioning(0), conditioning(1))
     controlled = apply(*plain, condition, hint)
     without = _sample(model, *plain, batch, sampler=sampler, scheduler=scheduler, cfg=cfg)
@@ -44,8 +44,8 @@ def test_control_changes_sampling_and_is_deterministic(graph, sampler, scheduler
 
 def test_two_conditions_differ_from_each_alone(graph):
     base, model, hint = graph
-    a = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
-    b = nodes.LoadCtrLoRA().load(base, "second.safetensors")[0]
+    a = load_lora(base, "lora0.ckpt")
+    b = load_lora(base, "second.safetensors")
     plain = (conditioning(0), conditioning(1))
     only_a = _sample(model, *apply(*plain, a, hint))
     both = _sample(model, *apply(*apply(*plain, a, hint), b, hint, 0.5))
@@ -56,7 +56,7 @@ def test_control_models_are_loaded_by_model_management(graph):
     """ComfyUI's model management loads the base and adapter patchers for sampling, with the UNet."""
     import comfy.model_management as mm
     base, model, hint = graph
-    condition = nodes.LoadCtrLoRA().load(base, "lora0.ckpt")[0]
+    condition = load_lora(base, "lora0.ckpt")
     _sample(model, *apply(conditioning(0), conditioning(1), condition, hint))
     loaded = [m.model for m in mm.current_loaded_models]  # the ModelPatchers model management holds
     assert any(p is base.patcher for p in loaded) and any(p is condition.patcher for p in loaded)

@@ -121,7 +121,7 @@ def test_saved_file_is_official_and_loads_through_load_ctrlora(golden_files, dat
     assert not os.path.exists(golden_files / "pattern.train" / "state.json")  # a finished run keeps no state
 
     (loaded_base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
-    (loaded,) = pack.nodes.inference.LoadCtrLoRA().load(loaded_base, "pattern.safetensors")
+    loaded = pack.nodes.inference.LoadCtrLoRA().load(loaded_base, "pattern.safetensors")["result"][0]
     model = tiny.tiny_model()
     hint, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, tiny.CONTEXT_DIM)
     timesteps = torch.tensor([500.0])
