@@ -377,25 +377,12 @@ def main(argv=None):
     hint_latents = [torch.randn(1, 4, *latent_shape[2:], generator=generator) for _ in range(CONDITIONS)]
 
     def with_native(n):
-        """ControlNetApplyAdvanced, n times (n separate condition images on one network: same compute as n files)."""
+        """ComfyUI's own Apply ControlNet (Advanced), chained n times (n condition images on one network: the same
+        compute as n ControlNet files)."""
+        import nodes as comfy_nodes
         pos, neg = positive, negative
         for _ in range(n):
-            control_hint = hint_image.movedim(-1, 1)
-            cnets, out = {}, []
-            for conditioning in (pos, neg):
-                entries = []
-                for emb, options in conditioning:
-                    options = options.copy()
-                    prev = options.get("control", None)
-                    if prev not in cnets:
-                        c_net = native.copy().set_cond_hint(control_hint, 1.0, (0.0, 1.0), vae=None)
-                        c_net.set_previous_controlnet(prev)
-                        cnets[prev] = c_net
-                    options["control"] = cnets[prev]
-                    options["control_apply_to_uncond"] = False
-                    entries.append([emb, options])
-                out.append(entries)
-            pos, neg = out
+            pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, native, hint_image, 1.0, 0.0, 1.0)
         return pos, neg
 
     def with_ctrlora(n):
