@@ -29,7 +29,6 @@ Prints a markdown table and writes JSON to ``bench/results/``.
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -39,8 +38,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
-PACK = "comfyui_ctrlora"
 
 # SD1.5's UNet (what comfy.model_detection reports for an SD1.5 checkpoint).
 SD15_UNET = {
@@ -84,19 +81,10 @@ def parse_args(argv=None):
 
 
 def setup_host(device):
-    """Puts ComfyUI on sys.path (CPU mode unless CUDA is wanted) and imports the pack as ComfyUI would."""
-    if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
-        sys.exit(f"No ComfyUI at {COMFYUI}: run scripts/setup_host.sh or set COMFYUI_PATH.")
-    sys.path.insert(0, COMFYUI)
-    import comfy.cli_args
-    if device == "cpu":
-        comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = pack
-    spec.loader.exec_module(pack)
-    return pack
+    """ComfyUI on sys.path (CPU mode unless CUDA is wanted) and the pack imported as ComfyUI would."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import comfy_host
+    return comfy_host.start(cpu=device == "cpu")
 
 
 # --------------------------------------------------------------------------------------------------- model building

@@ -7,7 +7,6 @@ bytes held for N conditions. ACN is not vendored: pass a checkout of it.
     .venv/bin/python bench/compare_acn.py --acn /path/to/ComfyUI-Advanced-ControlNet [--conditions 3]
 """
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -15,20 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _host():
-    comfyui = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
-    sys.path.insert(0, comfyui)
+    """The pack, imported into the real host in this process, and the tests' data helpers on sys.path."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-
-
-def _import_package(name, folder):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    import comfy_host
+    return comfy_host.start(cpu=True)
 
 
 def _held_bytes(modules):
@@ -45,14 +35,13 @@ def main():
     parser.add_argument("--acn", required=True, help="a checkout of ComfyUI-Advanced-ControlNet")
     parser.add_argument("--conditions", type=int, default=3)
     args = parser.parse_args()
-    _host()
+    ours = _host().ctrlora_core
 
     import safetensors.torch
     import torch
     import comfy.model_detection
     from tiny import GOLDEN
 
-    ours = _import_package("comfyui_ctrlora", ROOT).ctrlora_core
     sys.path.insert(0, os.path.abspath(args.acn))  # adv_control/ is a namespace package
     from adv_control.control_ctrlora import load_ctrlora
 

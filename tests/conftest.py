@@ -1,41 +1,22 @@
 """Runs the pack inside the real ComfyUI host (CPU): COMFYUI_PATH, or the host scripts/setup_host.sh installs."""
-import importlib.util
 import os
 import shutil
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
-PACK = "comfyui_ctrlora"
-
-if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
-    raise RuntimeError(f"No ComfyUI at {COMFYUI}: run scripts/setup_host.sh or set COMFYUI_PATH.")
-sys.path.insert(0, COMFYUI)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import comfy.cli_args  # noqa: E402
+import comfy_host  # noqa: E402
 
-comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
+ROOT, COMFYUI, PACK = comfy_host.ROOT, comfy_host.COMFYUI, comfy_host.PACK
+pack = comfy_host.start(cpu=True)
 
 import folder_paths  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
-
-
-def _load_pack():
-    """Imports the repository as a package, as ComfyUI does with a folder in custom_nodes/."""
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pack = _load_pack()
 
 
 @pytest.fixture
