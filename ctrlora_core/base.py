@@ -64,7 +64,14 @@ def load_base(path, dtype=None):
         raise CtrLoRAError(f"{name}: not a CtrLoRA base ControlNet (it has no control_model.input_blocks.0.0.weight).")
     # The base file's own LoRA layers belong to its pretraining tasks; official inference ignores them.
     tensors = {k: v for k, v in tensors.items() if "lora_layer" not in k}
+    return base_from_tensors(tensors, name, dtype)
 
+
+def base_from_tensors(tensors, name, dtype=None):
+    """A ``BaseControlNet`` from its tensors (keys without ``control_model.``, no ``lora_layer`` keys).
+
+    ``dtype`` overrides ComfyUI's choice of weight dtype for the load device.
+    """
     load_device = comfy.model_management.get_torch_device()
     if dtype is None:
         weight_dtype = next(iter(tensors.values())).dtype

@@ -89,15 +89,14 @@ def _size(path):
         return -1
 
 
-def encode_dataset(pairs, report, vae, encode_prompt, latent_format, resolution, chunk=8, on_progress=None,
-                   check_cancel=None):
-    """Loads, resizes and encodes every pair once. Unreadable pairs are skipped (and counted in ``report``).
+def encode_pairs(pairs, report, vae, prompts, latent_format, resolution, chunk=8, on_progress=None, check_cancel=None):
+    """Loads, resizes and encodes ``pairs``; unreadable ones are skipped (and counted in ``report``).
 
-    ``on_progress(done, total)`` and ``check_cancel()`` are called between chunks of ``chunk`` pairs.
+    ``prompts``: the ``PromptCache`` the prompt ids refer to. Returns ``(hints, targets, prompt_ids, kept)``:
+    ``hints``/``targets`` ``[len(kept), C, h, w]`` on the CPU (None when no pair could be read), ``kept`` the pairs
+    used. ``on_progress(done, total)`` and ``check_cancel()`` are called between chunks of ``chunk`` pairs.
     """
-    prompts = PromptCache(encode_prompt)
     with torch.no_grad():
-        prompts.id(EMPTY_PROMPT)
         hints, targets, ids, kept = [], [], [], []
         for start in range(0, len(pairs), chunk):
             if check_cancel is not None:
@@ -115,14 +114,33 @@ def encode_dataset(pairs, report, vae, encode_prompt, latent_format, resolution,
                     kept.append(pair)
             if on_progress is not None:
                 on_progress(min(start + chunk, len(pairs)), len(pairs))
-    report.used = len(kept)
     if not kept:
-        raise CtrLoRAError(f"Train CtrLoRA: no pair could be read.\n{report.summary()}")
+        return None, None, torch.zeros(0, dtype=torch.long), kept
+    return torch.cat(hints), torch.cat(targets), torch.tensor(ids, dtype=torch.long), kept
+
+
+def check_prompt_widths(prompts):
     dims = {c.shape[-1] for c in prompts.contexts}
     if len(dims) != 1:
         raise CtrLoRAError(f"Train CtrLoRA: the text encoder gave embeddings of different widths {sorted(dims)}.")
+
+
+def encode_dataset(pairs, report, vae, encode_prompt, latent_format, resolution, chunk=8, on_progress=None,
+                   check_cancel=None):
+    """Loads, resizes and encodes every pair once. Unreadable pairs are skipped (and counted in ``report``).
+
+    ``on_progress(done, total)`` and ``check_cancel()`` are called between chunks of ``chunk`` pairs.
+    """
+    prompts = PromptCache(encode_prompt)
+    with torch.no_grad():
+        prompts.id(EMPTY_PROMPT)
+    hints, targets, ids, kept = encode_pairs(pairs, report, vae, prompts, latent_format, resolution, chunk,
+                                             on_progress, check_cancel)
+    report.used = len(kept)
+    if not kept:
+        raise CtrLoRAError(f"Train CtrLoRA: no pair could be read.\n{report.summary()}")
+    check_prompt_widths(prompts)
     return EncodedDataset(
-        hints=torch.cat(hints), targets=torch.cat(targets), prompt_ids=torch.tensor(ids, dtype=torch.long),
-        contexts=prompts.contexts, prompts=list(prompts.ids), names=[p.name for p in kept],
-        fingerprint=fingerprint(kept, resolution),
+        hints=hints, targets=targets, prompt_ids=ids, contexts=prompts.contexts, prompts=list(prompts.ids),
+        names=[p.name for p in kept], fingerprint=fingerprint(kept, resolution),
     )

@@ -30,25 +30,25 @@ RUN_DEFINING = ("rank", "batch_size", "grad_accum", "lr", "prompt_dropout", "res
                 "weight_decay", "precision")
 
 
-def output_paths(folder, name):
+def output_paths(folder, name, label="Train CtrLoRA"):
     """``(lora_path, run_folder)`` for an output ``name``; refuses names that would leave ``folder``."""
     raw = name
     name = (name or "").strip()
     if name.endswith(LORA_EXTENSION):
         name = name[:-len(LORA_EXTENSION)]
     if not name:
-        raise CtrLoRAError("Train CtrLoRA: the output name is empty.")
+        raise CtrLoRAError(f"{label}: the output name is empty.")
     bad = [c for c in ("/", "\\", ":") if c in name] + ([".."] if ".." in name else [])
     if bad or name.startswith(".") or any(ord(c) < 32 for c in name) or (os.sep in name) or \
             (os.altsep and os.altsep in name):
-        raise CtrLoRAError(f"Train CtrLoRA: the output name {raw!r} must be a plain file name (no folders, "
+        raise CtrLoRAError(f"{label}: the output name {raw!r} must be a plain file name (no folders, "
                            f"'..', ':' or leading '.'); it is saved in {folder}.")
     return os.path.join(folder, name + LORA_EXTENSION), os.path.join(folder, name + ".train")
 
 
-def check_new_output(path):
+def check_new_output(path, label="Train CtrLoRA"):
     if os.path.exists(path):
-        raise CtrLoRAError(f"Train CtrLoRA: {os.path.basename(path)} already exists in {os.path.dirname(path)}; "
+        raise CtrLoRAError(f"{label}: {os.path.basename(path)} already exists in {os.path.dirname(path)}; "
                            "choose another output name (existing files are never overwritten).")
 
 
@@ -80,64 +80,76 @@ def _to_json(value):
     return value
 
 
-def save_state(run_folder, step, config, adapter, optimizer, rng, scaler=None, losses=(), extra=None):
-    """Writes the resumable state of a run at a step boundary (atomic, see the module doc)."""
-    tensors = {f"adapter.{n}": t.detach().to("cpu", torch.float32).contiguous()
-               for n, t in zip(adapter.names, adapter.tensors)}
+def optimizer_entries(optimizer):
+    """An optimizer's state as ``(tensors, document)``: tensors under ``optimizer.<index>.<key>``, scalars and the
+    param groups as JSON (see ``restore_optimizer``)."""
+    tensors, scalars = {}, {}
     optim = optimizer.state_dict()
-    scalars = {}
     for index, values in optim["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{index}.{key}"] = _to_json(value)
-    tensors["rng.generator"] = rng["generator"].contiguous()
-    tensors["rng.order"] = rng["order"].contiguous()
+    return tensors, {"param_groups": _to_json(optim["param_groups"]), "scalars": scalars}
+
+
+def write_state(run_folder, step, tensors, document):
+    """Writes a resumable state at ``step`` atomically: the tensors file first, then ``state.json`` (which names
+    it), then older tensors files are removed; a crash at any point leaves a consistent state."""
     name = f"state-{step:08d}.tensors"
     _atomic_write(os.path.join(run_folder, name), lambda p: safetensors.torch.save_file(tensors, p))
-    document = {
-        "version": STATE_VERSION, "step": step, "tensors": name, "config": config,
-        "rank": adapter.rank, "names": list(adapter.names),
-        "optimizer": {"param_groups": _to_json(optim["param_groups"]), "scalars": scalars},
-        "rng": {"cursor": rng["cursor"], "epoch": rng["epoch"]},
-        "scaler": _to_json(scaler.state_dict()) if scaler is not None else None,
-        "losses": [list(x) for x in losses], **(extra or {}),
-    }
+    document = {"version": STATE_VERSION, "step": step, "tensors": name, **document}
     _atomic_write(os.path.join(run_folder, "state.json"), lambda p: _write_json(p, document))
     for old in glob.glob(os.path.join(run_folder, "state-*.tensors")):
         if os.path.basename(old) != name:
             os.unlink(old)
 
 
+def save_state(run_folder, step, config, adapter, optimizer, rng, scaler=None, losses=(), extra=None):
+    """Writes the resumable state of a run at a step boundary (atomic, see the module doc)."""
+    tensors = {f"adapter.{n}": t.detach().to("cpu", torch.float32).contiguous()
+               for n, t in zip(adapter.names, adapter.tensors)}
+    optimizer_tensors, optimizer_document = optimizer_entries(optimizer)
+    tensors.update(optimizer_tensors)
+    tensors["rng.generator"] = rng["generator"].contiguous()
+    tensors["rng.order"] = rng["order"].contiguous()
+    write_state(run_folder, step, tensors, {
+        "config": config, "rank": adapter.rank, "names": list(adapter.names), "optimizer": optimizer_document,
+        "rng": {"cursor": rng["cursor"], "epoch": rng["epoch"]},
+        "scaler": _to_json(scaler.state_dict()) if scaler is not None else None,
+        "losses": [list(x) for x in losses], **(extra or {}),
+    })
+
+
 def has_state(run_folder):
     return os.path.isfile(os.path.join(run_folder, "state.json"))
 
 
-def load_state(run_folder):
-    """``(document, tensors)`` of a saved run."""
+def load_state(run_folder, label="Train CtrLoRA"):
+    """``(document, tensors)`` of a saved run; ``label`` starts the error messages."""
     path = os.path.join(run_folder, "state.json")
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
         tensors = safetensors.torch.load_file(os.path.join(run_folder, document["tensors"]))
     except (OSError, ValueError, KeyError) as e:
-        raise CtrLoRAError(f"Train CtrLoRA: the saved run in {run_folder} cannot be read ({e}); remove that folder "
+        raise CtrLoRAError(f"{label}: the saved run in {run_folder} cannot be read ({e}); remove that folder "
                            "to start over, or choose another output name.") from e
     if document.get("version") != STATE_VERSION:
-        raise CtrLoRAError(f"Train CtrLoRA: the saved run in {run_folder} has state version "
+        raise CtrLoRAError(f"{label}: the saved run in {run_folder} has state version "
                            f"{document.get('version')}, this pack reads {STATE_VERSION}.")
     return document, tensors
 
 
-def check_resumable(document, config, run_folder):
-    """Refuses a resume whose settings would not continue the saved run."""
+def check_resumable(document, config, run_folder, keys=RUN_DEFINING, label="Train CtrLoRA"):
+    """Refuses a resume whose settings (``keys`` of the run's config) would not continue the saved run."""
     saved = document["config"]
     different = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
-                 for k in RUN_DEFINING if saved.get(k) != config.get(k)]
+                 for k in keys if saved.get(k) != config.get(k)]
     if different:
         raise CtrLoRAError(
-            "Train CtrLoRA: resume: these settings differ from the saved run in "
+            f"{label}: resume: these settings differ from the saved run in "
             f"{run_folder} (set them back to continue it, or turn resume off and pick another output name): "
             + "; ".join(different)
         )
