@@ -3,6 +3,7 @@
 The tiny UNet has the layout of the official golden set ``golden_tiny_a`` (32 channels, 2 levels, 2 heads,
 context 32), so the golden base ControlNet is a valid control for it.
 """
+import hashlib
 import os
 
 import safetensors.torch
@@ -71,3 +72,11 @@ def tiny_vae():
 def conditioning(seed, batch=1, tokens=7):
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), {}]]
+
+
+def prompt_encoder(dim=CONTEXT_DIM, tokens=7):
+    """A deterministic stand-in for CLIP: each prompt maps to its own fixed embedding."""
+    def encode(prompt):
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+        return torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed))
+    return encode

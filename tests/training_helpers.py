@@ -1,6 +1,5 @@
 """Tiny datasets, text encoders and models for the training tests (CPU, 32 px images)."""
 import dataclasses
-import hashlib
 import importlib
 import json
 import math
@@ -18,6 +17,7 @@ import comfy.sd
 import comfy.supported_models
 
 import tiny
+from tiny import prompt_encoder  # noqa: F401 (re-exported for the tests)
 from conftest import pack
 
 training = importlib.import_module(f"{pack.__name__}.training")
@@ -28,23 +28,26 @@ SIZE = 32  # pixels; the tiny VAE downsamples by 2 -> 16x16 latents
 RED, BLUE = np.array([230, 40, 20]), np.array([20, 60, 180])
 
 
-def pattern_pair(rng, size=SIZE, cell=4):
-    """A condition that determines its target: a random black/white cell pattern, and the same pattern in red on
-    blue."""
+def white_on_black(cells):
+    return np.where(cells[..., None], 255, 0).astype(np.uint8).repeat(3, 2)
+
+
+def pattern_pair(rng, size=SIZE, cell=4, render=white_on_black):
+    """A condition that determines its target: a random cell pattern drawn by ``render`` (boolean pixel mask ->
+    RGB uint8; default black/white), and the same pattern in red on blue."""
     cells = rng.integers(0, 2, (size // cell, size // cell)).repeat(cell, 0).repeat(cell, 1).astype(bool)
-    condition = np.where(cells[..., None], 255, 0).astype(np.uint8).repeat(3, 2)
     target = np.where(cells[..., None], RED, BLUE).astype(np.uint8)
-    return condition, target
+    return render(cells), target
 
 
-def write_pairs(folder, count, seed=0, names=None, size=SIZE):
+def write_pairs(folder, count, seed=0, names=None, size=SIZE, render=white_on_black):
     """A source/ + target/ dataset of ``count`` pattern pairs named ``names`` (default item_0000 ...)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "source"), exist_ok=True)
     os.makedirs(os.path.join(folder, "target"), exist_ok=True)
     names = names or [f"item_{i:04d}" for i in range(count)]
     for name in names:
-        condition, target = pattern_pair(rng, size)
+        condition, target = pattern_pair(rng, size, render=render)
         Image.fromarray(condition).save(os.path.join(folder, "source", name + ".png"))
         Image.fromarray(target).save(os.path.join(folder, "target", name + ".png"))
     return folder
@@ -54,14 +57,6 @@ def write_prompt_json(folder, entries):
     with open(os.path.join(folder, "prompt.json"), "w") as f:
         for entry in entries:
             f.write((entry if isinstance(entry, str) else json.dumps(entry)) + "\n")
-
-
-def prompt_encoder(dim=tiny.CONTEXT_DIM, tokens=7):
-    """A deterministic stand-in for CLIP: each prompt maps to its own fixed embedding."""
-    def encode(prompt):
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
-        return torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed))
-    return encode
 
 
 def tiny_clip():
