@@ -94,6 +94,16 @@ def prepare_frozen(module):
                             if isinstance(tensor, torch.nn.Parameter) else copy
 
 
+def check_resolution(model, vae, resolution, label):
+    """Training images must survive the VAE's and the UNet's downsampling whole."""
+    unet_config = model.model.model_config.unet_config
+    factor = vae.downscale_ratio if isinstance(vae.downscale_ratio, int) else 8
+    factor *= 2 ** (len(unet_config.get("channel_mult", [1])) - 1)
+    if resolution % factor:
+        raise CtrLoRAError(f"{label}: resolution {resolution} must be a multiple of {factor} "
+                           f"for this model (e.g. {max(factor, resolution // factor * factor)}).")
+
+
 def lora_metadata(config, run):
     return {
         "ctrlora_format": "lora", "rank": run["rank"], "base": run["base"], "steps": run["step"],
@@ -132,14 +142,6 @@ class Trainer:
             "name_pattern": self.name_pattern,
             "start_from": os.path.basename(self.start_from) if self.start_from else None,
         }
-
-    def _check_resolution(self):
-        unet_config = self.model.model.model_config.unet_config
-        factor = self.vae.downscale_ratio if isinstance(self.vae.downscale_ratio, int) else 8
-        factor *= 2 ** (len(unet_config.get("channel_mult", [1])) - 1)
-        if self.config.resolution % factor:
-            raise CtrLoRAError(f"Train CtrLoRA: resolution {self.config.resolution} must be a multiple of {factor} "
-                               f"for this model (e.g. {max(factor, self.config.resolution // factor * factor)}).")
 
     def _saved_run(self):
         if not run_state.has_state(self.run_folder):
@@ -351,7 +353,7 @@ class Trainer:
         self._check_run_folder(saved)
         self.objective = NoisePrediction(self.model, self.base)
         self.base.model.set_attention_heads(self.model.model.model_config.unet_config)
-        self._check_resolution()
+        check_resolution(self.model, self.vae, self.config.resolution, "Train CtrLoRA")
         data = self._encode(pairs, self.dataset_report)
         self.objective.check_compatible(data.hints.shape[1], data.contexts[0].shape[-1])
         if saved is not None and saved[0].get("fingerprint") != data.fingerprint:

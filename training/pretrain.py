@@ -56,7 +56,7 @@ from .dataset import scan
 from .distributed import Distributed
 from .encode import (EMPTY_PROMPT, EncodedDataset, PromptCache, check_prompt_widths, clip_prompt_encoder,
                      encode_pairs, fingerprint)
-from .loop import PRECISIONS, TrainConfig, Trainer, prepare_frozen
+from .loop import PRECISIONS, TrainConfig, Trainer, check_resolution, prepare_frozen
 from .objective import NoisePrediction
 from .sharding import Plan, generator, positions
 
@@ -267,12 +267,6 @@ class Pretrainer:
         base.model.set_attention_heads(self.model.model.model_config.unet_config)
         return base
 
-    def _check_resolution(self):
-        try:  # the training issue's rule (VAE and UNet downsampling); it reads model, vae and config.resolution
-            Trainer._check_resolution(self)
-        except CtrLoRAError as e:
-            raise CtrLoRAError(f"{LABEL}: {_unlabelled(e)}") from None
-
     def _local_setup(self):
         """Everything before the first collective that can fail: settings, saved run, outputs, datasets, base."""
         self.config.validate()
@@ -287,7 +281,7 @@ class Pretrainer:
                     f"{LABEL}: resume: the dataset of condition(s) {', '.join(changed)} differs from the saved run's "
                     f"({', '.join(str(saved[n]['pairs']) for n in changed)} pairs then, "
                     f"{', '.join(str(len(self.pairs[n])) for n in changed)} now, or other files/prompts).")
-        self._check_resolution()
+        check_resolution(self.model, self.vae, self.config.resolution, LABEL)
         self.objective = NoisePrediction(self.model, None)
         self.base = self._initial_base(self.saved)
         self.objective.base = self.base
