@@ -109,43 +109,172 @@ def _dispatch(comfy, detail):
                    [TRAIN_EVENT, detail])
 
 
-def test_the_training_node_draws_the_loss_curve_from_training_events(blank):
-    """Events as Train CtrLoRA sends them (training/progress.py), dispatched in the page; tests/test_workflows.py
-    checks the curve of real training runs."""
-    node_type = "CtrLoRATrain"
-    node_id = blank.evaluate("""(type) => {
-        const node = LiteGraph.createNode(type);
+def _add_training_node(comfy):
+    return comfy.evaluate("""() => {
+        const node = LiteGraph.createNode('CtrLoRATrain');
         node.pos = [200, 150];
         window.app.graph.add(node);
         return node.id;
-    }""", node_type)
+    }""")
+
+
+# The chart's state, read from the node's widget (``path``: root node id, then ids inside nested subgraphs).
+CHART_STATE = """(path) => {
+    let node = null;
+    for (const id of path) node = (node ? node.subgraph : window.app.graph).getNodeById(id);
+    const w = node.widgets.find((w) => w.name === 'ctrlora_loss');
+    const series = (s) => ({count: s.count, nonFinite: s.nonFinite, first: s.first, last: s.last, lo: s.lo, hi: s.hi,
+                            buckets: s.buckets.filter(Boolean).length});
+    return {header: w.value, status: w.status, step: w.step, skipped: w.skipped, train: series(w.train),
+            val: series(w.val), legend: w.legend().map((item) => item.text)};
+}"""
+
+
+def _colour_pixels(path, colour, tolerance=30):
+    from PIL import Image
+    with Image.open(path) as image:
+        return sum(1 for pixel in image.convert("RGB").getdata()
+                   if all(abs(a - b) <= tolerance for a, b in zip(pixel, colour)))
+
+
+TRAIN_BLUE, VAL_ORANGE, NON_FINITE_RED = (111, 179, 255), (255, 160, 64), (255, 59, 59)
+
+
+def test_the_training_node_draws_the_loss_curve_from_training_events(blank):
+    """Events as Train CtrLoRA sends them (training/progress.py, protocol v2 in docs), dispatched in the page;
+    tests/test_workflows.py checks the curve of real training runs."""
+    node_id = _add_training_node(blank)
     assert _node_widget_value(blank, node_id, "ctrlora_loss") is not None, "no loss chart on the training node"
     base = {"node": str(node_id), "output": "dental", "prompt_id": "fake-run"}
     _dispatch(blank, {**base, "phase": "encode", "status": "running", "step": 4, "total": 8})
     assert _node_widget_value(blank, node_id, "ctrlora_loss").startswith("Encoding pairs 4/8")
     losses = [[step, 0.2 * 0.97 ** step + 0.01 * (step % 3)] for step in range(1, 121)]
+    losses[59][1] = None  # a non-finite loss (JSON null) at step 60
+    validation = [[step, 0.15 * 0.98 ** step + 0.02] for step in range(20, 121, 20)]
     _dispatch(blank, {**base, "phase": "train", "status": "running", "step": 0, "total": 120, "losses": []})
     for chunk in range(0, 120, 40):
         part = losses[chunk:chunk + 40]
         _dispatch(blank, {**base, "phase": "train", "status": "running", "step": part[-1][0], "total": 120,
-                          "loss": part[-1][1], "losses": part, "steps_per_s": 3.5})
+                          "loss": part[-1][1], "losses": part, "steps_per_s": 3.5, "skipped_steps": 2,
+                          "val_losses": [p for p in validation if part[0][0] <= p[0] <= part[-1][0]]})
     header = _node_widget_value(blank, node_id, "ctrlora_loss")
     assert header.startswith("step 120/120  loss ") and "3.50 steps/s" in header
     _dispatch(blank, {**base, "phase": "train", "status": "done", "step": 120, "total": 120, "losses": []})
-    chart = blank.evaluate("""(id) => {
-        const w = window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_loss');
-        return {points: w.points.length, header: w.value, first: w.points[0], last: w.points[w.points.length - 1]};
-    }""", node_id)
-    assert chart["points"] == 120 and chart["header"].endswith("(done)")
-    assert chart["first"] == losses[0] and chart["last"] == losses[-1]
-    # The curve is drawn: the chart's line colour is on the node in the screenshot.
-    box = blank.fit_view(type_prefix=node_type)
+    chart = blank.evaluate(CHART_STATE, [node_id])
+    assert chart["header"].endswith("(done)")
+    assert chart["train"]["count"] == 120 and chart["train"]["nonFinite"] == 1 and chart["train"]["buckets"] == 120
+    assert chart["train"]["first"] == losses[0] and chart["train"]["last"] == losses[-1]
+    finite = [v for _, v in losses if v is not None]
+    assert (chart["train"]["lo"], chart["train"]["hi"]) == (min(finite), max(finite))
+    assert chart["val"]["count"] == len(validation) and chart["val"]["last"] == validation[-1]
+    assert chart["legend"] == ["train", f"val {validation[-1][1]:.4f}", "non-finite 1", "skipped 2"]
+    # Drawn: the training curve's blue, the validation curve's orange and the red mark of step 60.
+    box = blank.fit_view(type_prefix="CtrLoRATrain")
     path = blank.screenshot("ui-training-loss-curve.png", clip=box)
-    from PIL import Image
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-        line = sum(1 for r, g, b in rgb.getdata() if b > 200 and 140 < g < 200 and 80 < r < 140)
-    assert line > 100, f"only {line} pixels of the loss curve's colour in {path}"
+    for name, colour, least in (("training", TRAIN_BLUE, 100), ("validation", VAL_ORANGE, 40),
+                                ("non-finite mark", NON_FINITE_RED, 15)):
+        found = _colour_pixels(path, colour)
+        assert found > least, f"only {found} pixels of the {name} colour {colour} in {path}"
+    # Queued again with the same settings: the file is reused, not trained again, and the node says so.
+    _dispatch(blank, {**base, "prompt_id": "fake-run-2", "phase": "train", "status": "reused", "step": 120,
+                      "total": 120})
+    chart = blank.evaluate(CHART_STATE, [node_id])
+    assert chart["header"] == "reused dental: trained before with these settings" and chart["train"]["count"] == 0
+
+
+MILLION_FEED_BUDGET_S = 3.0  # all 4,000 events of a 1,000,000-step run through the page's event listener
+DRAW_BUDGET_MS = 16.0  # one chart draw, within a 60 Hz frame
+
+
+def test_the_loss_chart_stays_fast_and_exact_for_a_million_step_run(blank):
+    """1,000,000 steps in 4,000 events of 250 points (the rate of a fast run at one event per 0.25 s), with a
+    validation point every 1,000 steps, four non-finite training losses and one non-finite validation loss."""
+    node_id = _add_training_node(blank)
+    result = blank.evaluate("""async ([nodeId, total, chunk]) => {
+        const api = window.comfyAPI.api.api;
+        const base = {node: String(nodeId), prompt_id: 'million', output: 'million', phase: 'train'};
+        const nonFinite = new Set([1, 123457, 500000, 999999]);
+        const loss = (s) => 0.05 + 0.1 * Math.exp(-s / 200000) + 0.02 * ((s * 7919) % 1000) / 1000;
+        let lo = Infinity, hi = -Infinity, feeding = 0;
+        const send = (detail) => {
+            const t = performance.now();
+            api.dispatchCustomEvent('ctrlora.train.progress', detail);
+            feeding += performance.now() - t;
+        };
+        send({...base, status: 'running', step: 0, total, losses: []});
+        for (let start = 1; start <= total; start += chunk) {
+            const losses = [], val = [];
+            for (let s = start; s < start + chunk && s <= total; s++) {
+                const v = nonFinite.has(s) ? null : loss(s);
+                if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+                losses.push([s, v]);
+                if (s % 1000 === 0) val.push([s, s === 250000 ? null : 0.08 + 0.05 * Math.exp(-s / 300000)]);
+            }
+            const [step, last] = losses[losses.length - 1];
+            send({...base, status: 'running', step, total, loss: last, losses, val_losses: val, skipped_steps: 7,
+                  steps_per_s: 1000});
+        }
+        send({...base, status: 'done', step: total, total, losses: []});
+        const node = window.app.graph.getNodeById(nodeId);
+        const chart = node.widgets.find((w) => w.name === 'ctrlora_loss');
+        const ctx = document.createElement('canvas').getContext('2d');
+        const t = performance.now();
+        for (let i = 0; i < 20; i++) chart.draw(ctx, node, node.size[0], 0);
+        const drawing = (performance.now() - t) / 20;
+        const marked = [...nonFinite].map((s) => chart.train.buckets.find((b) => b && b.first <= s && s <= b.last)?.nonFinite ?? 0);
+        return {feeding, drawing, lo, hi, marked, bucketWidth: chart.train.width,
+                valMarked: chart.val.buckets.find((b) => b && b.first <= 250000 && 250000 <= b.last)?.nonFinite ?? 0};
+    }""", [node_id, 1_000_000, 250])
+    chart = blank.evaluate(CHART_STATE, [node_id])
+    print(f"1,000,000-step run: fed in {result['feeding']:.0f} ms, one draw {result['drawing']:.2f} ms, "
+          f"{chart['train']['buckets']} buckets of {result['bucketWidth']} steps")
+    assert result["feeding"] < MILLION_FEED_BUDGET_S * 1000, result
+    assert result["drawing"] < DRAW_BUDGET_MS, result
+    train, val = chart["train"], chart["val"]
+    assert train["count"] == 1_000_000 and train["nonFinite"] == 4 and train["buckets"] <= 512
+    assert (train["lo"], train["hi"]) == (result["lo"], result["hi"])
+    assert train["last"][0] == 1_000_000 and chart["header"].startswith("step 1000000/1000000") \
+        and chart["header"].endswith("(done)")
+    assert result["marked"] == [1, 1, 1, 1], "each non-finite step is marked in the bucket that holds it"
+    assert val["count"] == 1000 and val["nonFinite"] == 1 and result["valMarked"] == 1
+    assert chart["legend"][2:] == ["non-finite 5", "skipped 7"]
+    box = blank.fit_view(type_prefix="CtrLoRATrain")
+    path = blank.screenshot("ui-training-million-steps.png", clip=box)
+    assert _colour_pixels(path, NON_FINITE_RED) > 15 and _colour_pixels(path, VAL_ORANGE) > 40
+
+
+def test_a_training_node_inside_a_subgraph_draws_its_events(blank):
+    """Inside a subgraph the server names the node by its path ("12:5"); the id comes from the prompt the frontend
+    itself makes of the graph."""
+    ids = blank.evaluate("""async () => {
+        const graph = window.app.graph;
+        const node = LiteGraph.createNode('CtrLoRATrain');
+        node.pos = [200, 150];
+        graph.add(node);
+        const holder = graph.convertToSubgraph(new Set([node])).node;
+        const inner = holder.subgraph.nodes.find((n) => n.type === 'CtrLoRATrain');
+        const prompt = (await window.app.graphToPrompt()).output;
+        return {holder: holder.id, inner: inner.id,
+                executionIds: Object.keys(prompt).filter((id) => prompt[id].class_type === 'CtrLoRATrain')};
+    }""")
+    [execution_id] = ids["executionIds"]
+    assert execution_id == f"{ids['holder']}:{ids['inner']}", ids
+    _dispatch(blank, {"node": execution_id, "prompt_id": "sub", "phase": "train", "status": "running", "step": 3,
+                      "total": 10, "loss": 0.25, "losses": [[1, 0.3], [2, 0.27], [3, 0.25]]})
+    chart = blank.evaluate(CHART_STATE, [ids["holder"], ids["inner"]])
+    assert chart["header"].startswith("step 3/10  loss 0.2500") and chart["train"]["count"] == 3
+    _dispatch(blank, {"node": execution_id, "prompt_id": "sub", "phase": "train", "status": "cancelled", "step": 3,
+                      "total": 10, "losses": [], "message": "saved; queue again with resume on to continue"})
+    assert blank.evaluate(CHART_STATE, [ids["holder"], ids["inner"]])["header"].endswith("(cancelled)")
+    notice = blank.evaluate("([a, b]) => window.app.graph.getNodeById(a).subgraph.getNodeById(b).widgets"
+                            ".find((w) => w.name === 'ctrlora_notice').value", [ids["holder"], ids["inner"]])
+    assert notice == "Cancelled at step 3/10: saved; queue again with resume on to continue"
+    blank.evaluate("([a]) => window.app.canvas.setGraph(window.app.graph.getNodeById(a).subgraph)", [ids["holder"]])
+    try:
+        blank.page.wait_for_timeout(300)
+        blank.screenshot("ui-training-in-subgraph.png")
+    finally:
+        blank.evaluate("() => window.app.canvas.setGraph(window.app.graph)")
 
 
 def _run_in_page(comfy, server, api_graph, name):

@@ -142,17 +142,92 @@ export function describeLora(info) {
 }
 
 // --- Training: loss curve and step counter ------------------------------------------------------------------
-const CHART_HEIGHT = 150;
+const CHART_HEIGHT = 176;
+const CHART_BUCKETS = 512; // more than a node's plot has pixels across
+const COLORS = { train: "#6fb3ff", trainFaint: "rgba(111, 179, 255, 0.35)", val: "#ffa040", bad: "#ff3b3b" };
+const FINISHED = { done: "done", cancelled: "cancelled", error: "error", reused: "reused" };
 
-// Exponential moving average over about a twentieth of the points (at least 5).
-function smooth(points) {
-  const alpha = 2 / (Math.max(5, points.length / 20) + 1);
-  let average = points[0]?.[1];
-  return points.map(([step, loss]) => {
-    average = alpha * loss + (1 - alpha) * average;
-    return [step, average];
+// One curve of a run, downsampled: at most CHART_BUCKETS buckets of equal step width, each with the count, sum, min
+// and max of its finite values and the count of its non-finite ones. When a point falls past the last bucket the
+// width doubles and neighbours merge, so a point costs O(1) amortised and a 1,000,000-step run holds 512 buckets.
+class Series {
+  constructor() {
+    this.buckets = [];
+    this.origin = null;
+    this.width = 1;
+    this.count = 0;
+    this.nonFinite = 0;
+    this.lo = Infinity;
+    this.hi = -Infinity;
+    this.first = null;
+    this.last = null;
+  }
+
+  // Points come in step order (the events of one run); a repeated or earlier step is ignored.
+  add(step, value) {
+    step = Number(step);
+    if (!Number.isFinite(step) || (this.last && step <= this.last[0])) return;
+    const finite = typeof value === "number" && Number.isFinite(value);
+    this.origin ??= step;
+    while (step - this.origin >= this.width * CHART_BUCKETS) this.widen();
+    const index = Math.floor((step - this.origin) / this.width);
+    const bucket = (this.buckets[index] ??= { first: step, last: step, n: 0, sum: 0, min: Infinity, max: -Infinity, nonFinite: 0 });
+    bucket.last = step;
+    if (finite) {
+      bucket.n += 1;
+      bucket.sum += value;
+      if (value < bucket.min) bucket.min = value;
+      if (value > bucket.max) bucket.max = value;
+      if (value < this.lo) this.lo = value;
+      if (value > this.hi) this.hi = value;
+    } else {
+      bucket.nonFinite += 1;
+      this.nonFinite += 1;
+    }
+    this.count += 1;
+    this.last = [step, finite ? value : null];
+    this.first ??= this.last;
+  }
+
+  widen() {
+    const merged = [];
+    this.buckets.forEach((bucket, index) => {
+      if (!bucket) return;
+      const into = merged[index >> 1];
+      if (!into) {
+        merged[index >> 1] = bucket;
+        return;
+      }
+      into.last = bucket.last;
+      into.n += bucket.n;
+      into.sum += bucket.sum;
+      into.min = Math.min(into.min, bucket.min);
+      into.max = Math.max(into.max, bucket.max);
+      into.nonFinite += bucket.nonFinite;
+    });
+    this.buckets = merged;
+    this.width *= 2;
+  }
+
+  // The filled buckets in step order, each placed at the middle of the steps it holds.
+  filled() {
+    const out = [];
+    for (const bucket of this.buckets) if (bucket) out.push({ ...bucket, step: (bucket.first + bucket.last) / 2 });
+    return out;
+  }
+}
+
+// Exponential moving average of the bucket means over about a twentieth of them (at least 5).
+function smooth(buckets) {
+  const alpha = 2 / (Math.max(5, buckets.length / 20) + 1);
+  let average = null;
+  return buckets.map((b) => {
+    average = average === null ? b.sum / b.n : alpha * (b.sum / b.n) + (1 - alpha) * average;
+    return [b.step, average];
   });
 }
+
+const formatLoss = (value) => (value === null ? "non-finite" : value.toFixed(4));
 
 function lossChart(node) {
   const existing = node.widgets?.find((w) => w.name === "ctrlora_loss");
@@ -163,47 +238,64 @@ function lossChart(node) {
     value: "",
     serialize: false,
     options: { serialize: false },
-    points: [],
+    train: new Series(),
+    val: new Series(),
     step: 0,
     total: 0,
     phase: "",
     status: "",
     speed: 0,
+    skipped: 0,
     message: "",
+    output: "",
     run: null,
     computeSize(width) {
       return [width, CHART_HEIGHT];
     },
     reset(run) {
-      Object.assign(this, { points: [], step: 0, total: 0, phase: "", status: "", speed: 0, message: "", run });
+      Object.assign(this, {
+        train: new Series(), val: new Series(), step: 0, total: 0, phase: "", status: "", speed: 0, skipped: 0,
+        message: "", output: "", run,
+      });
     },
     update(detail) {
-      if (detail.prompt_id && detail.prompt_id !== this.run) this.reset(detail.prompt_id);
-      if (detail.phase === "train" && detail.status === "running" && Number(detail.step) < this.step) this.reset(this.run);
+      // A run is one node of one prompt (a subgraph used twice runs the same inner node under two ids).
+      const run = `${detail.prompt_id ?? ""}|${detail.node ?? ""}`;
+      if (run !== this.run) this.reset(run);
+      const restarted = detail.phase === "train" && this.phase === "train" && Number(detail.step) < this.step;
+      if (restarted && detail.status === "running") this.reset(run);
       this.phase = detail.phase ?? this.phase;
       this.status = detail.status ?? this.status;
       this.step = Number(detail.step ?? this.step);
       this.total = Number(detail.total ?? this.total);
       this.speed = Number(detail.steps_per_s ?? this.speed);
+      this.skipped = Number(detail.skipped_steps ?? this.skipped);
+      this.output = detail.output ?? this.output;
       this.message = detail.message ?? "";
-      for (const point of detail.losses ?? []) {
-        const [step, loss] = point;
-        if (Number.isFinite(loss) && !this.points.some((p) => p[0] === step)) this.points.push([step, loss]);
+      for (const [step, loss] of detail.losses ?? []) this.train.add(step, loss);
+      if (!detail.losses?.length && detail.phase === "train" && "loss" in detail && Number(detail.step) > 0) {
+        this.train.add(detail.step, detail.loss);
       }
-      if (!detail.losses?.length && Number.isFinite(detail.loss) && !this.points.some((p) => p[0] === detail.step)) {
-        this.points.push([detail.step, detail.loss]);
-      }
-      this.points.sort((a, b) => a[0] - b[0]);
+      for (const [step, loss] of detail.val_losses ?? []) this.val.add(step, loss);
       this.value = this.header();
     },
     header() {
       if (!this.phase) return "Training: waiting for the first step";
+      if (this.status === "reused") return `reused ${this.output || "the output"}: trained before with these settings`;
       if (this.phase === "encode") return `Encoding pairs ${this.step}/${this.total}`;
-      const last = this.points[this.points.length - 1];
-      const loss = last ? `  loss ${last[1].toFixed(4)}` : "";
+      const loss = this.train.last ? `  loss ${formatLoss(this.train.last[1])}` : "";
       const speed = this.status === "running" && this.speed > 0 ? `  ${this.speed.toFixed(2)} steps/s` : "";
-      const status = this.status && this.status !== "running" ? `  (${this.status})` : "";
+      const status = FINISHED[this.status] ? `  (${this.status})` : "";
       return `step ${this.step}/${this.total}${loss}${speed}${status}`;
+    },
+    // Second line: the legend, the last validation loss, and what went wrong so far.
+    legend() {
+      const items = [{ text: "train", color: COLORS.train }];
+      if (this.val.count) items.push({ text: `val ${formatLoss(this.val.last[1])}`, color: COLORS.val });
+      const nonFinite = this.train.nonFinite + this.val.nonFinite;
+      if (nonFinite) items.push({ text: `non-finite ${nonFinite}`, color: COLORS.bad, tick: true });
+      if (this.skipped > 0) items.push({ text: `skipped ${this.skipped}`, color: COLORS.bad, plain: true });
+      return items;
     },
     draw(ctx, _node, width, y) {
       const x0 = MARGIN;
@@ -221,49 +313,9 @@ function lossChart(node) {
       ctx.textAlign = "left";
       ctx.fillStyle = this.status === "error" ? TONES.error.text : "#ddd";
       ctx.fillText(this.header(), x0 + 6, y + 6);
-      const plot = { x: x0 + 40, y: y + 26, w: w - 50, h: h - 44 };
-      if (this.points.length) {
-        const losses = this.points.map((p) => p[1]);
-        let lo = Math.min(...losses);
-        let hi = Math.max(...losses);
-        if (hi - lo < 1e-12) {
-          hi += 0.5 * Math.abs(hi || 1) * 0.1;
-          lo -= 0.5 * Math.abs(lo || 1) * 0.1;
-        }
-        const first = this.points[0][0];
-        const lastStep = Math.max(this.total || 0, this.points[this.points.length - 1][0], first + 1);
-        const px = (s) => plot.x + ((s - first) / Math.max(lastStep - first, 1)) * plot.w;
-        const py = (v) => plot.y + plot.h - ((v - lo) / (hi - lo)) * plot.h;
-        ctx.strokeStyle = "#444";
-        ctx.beginPath();
-        ctx.moveTo(plot.x, plot.y);
-        ctx.lineTo(plot.x, plot.y + plot.h);
-        ctx.lineTo(plot.x + plot.w, plot.y + plot.h);
-        ctx.stroke();
-        ctx.fillStyle = "#999";
-        ctx.font = "10px Arial, sans-serif";
-        ctx.textAlign = "right";
-        ctx.fillText(hi.toPrecision(3), plot.x - 4, plot.y - 4);
-        ctx.fillText(lo.toPrecision(3), plot.x - 4, plot.y + plot.h - 8);
-        ctx.textAlign = "left";
-        ctx.fillText(String(first), plot.x, plot.y + plot.h + 3);
-        ctx.textAlign = "right";
-        ctx.fillText(String(lastStep), plot.x + plot.w, plot.y + plot.h + 3);
-        const line = (points, style, width) => {
-          ctx.strokeStyle = style;
-          ctx.lineWidth = width;
-          ctx.beginPath();
-          points.forEach(([s, v], i) => (i ? ctx.lineTo(px(s), py(v)) : ctx.moveTo(px(s), py(v))));
-          ctx.stroke();
-        };
-        // Diffusion losses are noisy: the raw values faint, their moving average bold.
-        line(this.points, "rgba(111, 179, 255, 0.35)", 1);
-        line(smooth(this.points), "#6fb3ff", 2);
-        if (this.points.length === 1) {
-          ctx.fillStyle = "#6fb3ff";
-          ctx.fillRect(px(this.points[0][0]) - 2, py(this.points[0][1]) - 2, 4, 4);
-        }
-      }
+      const plot = { x: x0 + 40, y: y + 44, w: w - 50, h: h - 62 };
+      if (this.phase === "train" && this.status !== "reused") this.drawLegend(ctx, x0 + 6, y + 24);
+      if (this.train.count || this.val.count) this.drawCurves(ctx, plot);
       if (this.total > 0) {
         ctx.fillStyle = "#333";
         ctx.fillRect(x0 + 1, y + h - 3, w - 2, 4);
@@ -271,6 +323,84 @@ function lossChart(node) {
         ctx.fillRect(x0 + 1, y + h - 3, (w - 2) * Math.min(1, this.step / this.total), 4);
       }
       ctx.restore();
+    },
+    drawLegend(ctx, x, y) {
+      ctx.font = "11px Arial, sans-serif";
+      for (const item of this.legend()) {
+        ctx.fillStyle = item.color;
+        if (item.tick) ctx.fillRect(x + 4, y + 1, 2, 10);
+        else if (!item.plain) ctx.fillRect(x, y + 5, 10, 2);
+        const textX = item.plain ? x : x + 14;
+        ctx.fillStyle = item.plain ? COLORS.bad : "#ccc";
+        ctx.fillText(item.text, textX, y);
+        x = textX + ctx.measureText(item.text).width + 12;
+      }
+    },
+    drawCurves(ctx, plot) {
+      const train = this.train.filled();
+      const val = this.val.filled();
+      let lo = Math.min(this.train.lo, this.val.lo);
+      let hi = Math.max(this.train.hi, this.val.hi);
+      if (!Number.isFinite(lo)) [lo, hi] = [0, 1]; // only non-finite values so far
+      if (hi - lo < 1e-12) {
+        hi += 0.05 * Math.abs(hi || 1);
+        lo -= 0.05 * Math.abs(lo || 1);
+      }
+      const starts = [this.train.first, this.val.first].filter(Boolean).map((p) => p[0]);
+      const ends = [this.train.last, this.val.last].filter(Boolean).map((p) => p[0]);
+      const first = Math.min(...starts); // two numbers at most
+      const lastStep = Math.max(this.total || 0, ...ends, first + 1);
+      const px = (s) => plot.x + ((s - first) / Math.max(lastStep - first, 1)) * plot.w;
+      const py = (v) => plot.y + plot.h - ((v - lo) / (hi - lo)) * plot.h;
+      ctx.strokeStyle = "#444";
+      ctx.lineWidth = 1;
+      ctx.beginPath();
+      ctx.moveTo(plot.x, plot.y);
+      ctx.lineTo(plot.x, plot.y + plot.h);
+      ctx.lineTo(plot.x + plot.w, plot.y + plot.h);
+      ctx.stroke();
+      ctx.fillStyle = "#999";
+      ctx.font = "10px Arial, sans-serif";
+      ctx.textAlign = "right";
+      ctx.fillText(hi.toPrecision(3), plot.x - 4, plot.y - 4);
+      ctx.fillText(lo.toPrecision(3), plot.x - 4, plot.y + plot.h - 8);
+      ctx.textAlign = "left";
+      ctx.fillText(String(first), plot.x, plot.y + plot.h + 3);
+      ctx.textAlign = "right";
+      ctx.fillText(String(lastStep), plot.x + plot.w, plot.y + plot.h + 3);
+      const line = (points, style, lineWidth) => {
+        ctx.strokeStyle = style;
+        ctx.lineWidth = lineWidth;
+        ctx.beginPath();
+        points.forEach(([s, v], i) => (i ? ctx.lineTo(px(s), py(v)) : ctx.moveTo(px(s), py(v))));
+        ctx.stroke();
+      };
+      const finite = train.filter((b) => b.n);
+      // Diffusion losses are noisy: the spread of each bucket and the raw means faint, their moving average bold.
+      if (this.train.width > 1) {
+        ctx.fillStyle = "rgba(111, 179, 255, 0.18)";
+        for (const b of finite) ctx.fillRect(px(b.first), py(b.max), Math.max(1, px(b.last) - px(b.first)), py(b.min) - py(b.max));
+      }
+      line(finite.map((b) => [b.step, b.sum / b.n]), COLORS.trainFaint, 1);
+      line(smooth(finite), COLORS.train, 2);
+      const validated = val.filter((b) => b.n);
+      line(validated.map((b) => [b.step, b.sum / b.n]), COLORS.val, 2);
+      for (const [points, color] of [[finite, COLORS.train], [validated, COLORS.val]]) {
+        if (points.length > 24) continue;
+        ctx.fillStyle = color;
+        for (const b of points) ctx.fillRect(px(b.step) - 2, py(b.sum / b.n) - 2, 4, 4);
+      }
+      // A non-finite loss is a red tick through the plot at its step, never left out.
+      ctx.fillStyle = COLORS.bad;
+      for (const b of [...train, ...val]) {
+        if (!b.nonFinite) continue;
+        const x = Math.round(px(b.step));
+        ctx.globalAlpha = 0.45;
+        ctx.fillRect(x - 0.5, plot.y, 1, plot.h);
+        ctx.globalAlpha = 1;
+        ctx.fillRect(x - 1, plot.y - 2, 3, 8);
+        ctx.fillRect(x - 1, plot.y + plot.h - 6, 3, 8);
+      }
     },
   };
   node.addCustomWidget(widget);
@@ -297,9 +427,18 @@ function checkModelFile(node) {
   }
 }
 
+// The node a server message names. Inside subgraphs ComfyUI names a node by its path from the root graph ("12:5":
+// node 5 of the subgraph that node 12 of the root graph holds), as the frontend's getNodeByExecutionId resolves it.
 function nodeById(id) {
   if (id === undefined || id === null) return null;
-  return app.graph?.getNodeById(id) ?? app.graph?.getNodeById(Number(id)) ?? null;
+  let graph = app.rootGraph ?? app.graph;
+  let node = null;
+  for (const part of String(id).split(":")) {
+    if (node) graph = node.subgraph;
+    node = graph?.getNodeById(part) ?? graph?.getNodeById(Number(part)) ?? null;
+    if (!node) return null;
+  }
+  return node;
 }
 
 function ourNodes() {
@@ -314,10 +453,17 @@ app.registerExtension({
       const node = nodeById(detail?.node);
       if (!node) return;
       const chart = lossChart(node);
+      const run = chart.run;
       chart.update(detail);
+      const notice = node.widgets?.find((w) => w.name === "ctrlora_notice");
+      if (chart.run !== run && notice?.text) notice.set(""); // the last run's message goes with its chart
       if (detail.status === "error" && detail.message) panel(node, "ctrlora_notice").set(detail.message, "error");
+      if (detail.status === "cancelled") {
+        const saved = detail.message ? `: ${detail.message}` : "";
+        panel(node, "ctrlora_notice").set(`Cancelled at step ${chart.step}/${chart.total}${saved}`, "hint");
+      }
       node.setDirtyCanvas?.(true, true);
-      app.graph.setDirtyCanvas(true, true);
+      app.canvas?.setDirty(true, true);
     });
 
     api.addEventListener("execution_start", () => {
