@@ -1,9 +1,7 @@
 """The 'Train CtrLoRA' node: a schema over ``training`` (datasets, the loop, resumable state)."""
-import os
-
 import folder_paths
 
-from ..training import ComfyReporter, TrainConfig, Trainer, clip_prompt_encoder
+from ..training import ComfyReporter, TrainConfig, Trainer, clip_prompt_encoder, paths
 from ..training.dataset import PROMPT_FILE
 from ..training.loop import RANK_RANGE, RESOLUTION_RANGE
 from . import model_folders
@@ -29,8 +27,8 @@ class TrainCtrLoRA:
                 "base": ("CTRLORA_BASE", {"tooltip": "From Load Base ControlNet (frozen)."}),
                 "dataset_folder": ("STRING", {"default": "", "tooltip": (
                     f"A folder with {PROMPT_FILE} (one JSON object per line: source, target, prompt) or with source/ "
-                    "and target/ holding images of the same names (optional <name>.txt captions). Relative paths "
-                    "are taken from ComfyUI's input folder.")}),
+                    "and target/ holding images of the same names (optional <name>.txt captions), inside ComfyUI's "
+                    "input folder (give its name) or a folder the server allows (CTRLORA_ALLOWED_ROOTS).")}),
                 "prompt_template": ("STRING", {"default": "", "multiline": True, "tooltip": (
                     "Empty: each pair's caption. Otherwise filled from the file name: named fields take the "
                     "name's _-separated parts in order, e.g. 'a 3D dental model of {jaw} teeth, {view} view' with "
@@ -85,21 +83,13 @@ class TrainCtrLoRA:
         start = None if start_from == NO_START else \
             model_folders.resolve(start_from, [model_folders.FOLDER], "Train CtrLoRA")
         trainer = Trainer(
-            model, base, vae, clip_prompt_encoder(clip), _dataset_path(dataset_folder),
+            model, base, vae, clip_prompt_encoder(clip), paths.dataset_folder(dataset_folder),
             folder_paths.get_folder_paths(model_folders.FOLDER)[0], output_name, config,
             template=prompt_template, name_pattern=file_name_pattern, start_from=start, resume=resume,
             reporter=ComfyReporter(node_id=unique_id, output=output_name),
         )
         result = trainer.run()
         return {"ui": {"text": [result.report]}, "result": (result.condition, result.report)}
-
-
-def _dataset_path(folder):
-    """Absolute paths as given; relative ones from ComfyUI's input folder."""
-    folder = (folder or "").strip()
-    if folder and not os.path.isabs(os.path.expanduser(folder)):
-        return os.path.join(folder_paths.get_input_directory(), folder)
-    return folder
 
 
 NODE_CLASS_MAPPINGS = {"CtrLoRATrain": TrainCtrLoRA}

@@ -40,6 +40,14 @@ def dataset(tmp_path):
 
 
 @pytest.fixture
+def input_dataset(dataset, monkeypatch):
+    """The dataset as the node sees it: by name, in ComfyUI's input folder."""
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "input_directory", os.path.dirname(dataset))
+    return os.path.basename(dataset)
+
+
+@pytest.fixture
 def out(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
@@ -315,7 +323,7 @@ def test_out_of_range_settings_are_refused(dataset, out, overrides, message):
 
 # --- the node ------------------------------------------------------------------------------------------------------
 
-def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, dataset):
+def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, input_dataset):
     """As ComfyUI runs it: models loaded and the node executed under torch.inference_mode(), a real (tiny) CLIP."""
     node = pack.nodes.training.TrainCtrLoRA
     assert pack.NODE_CLASS_MAPPINGS["CtrLoRATrain"] is node and node.CATEGORY == "conditioning/ctrlora"
@@ -323,7 +331,7 @@ def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, datase
     with torch.inference_mode():
         model, vae, clip = tiny.tiny_model(), tiny.tiny_vae(), tiny_clip()
         (base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
-        output = node().train(model, clip, vae, base, dataset, "a {kind} pattern, {name}", "from_node", 4, 3, 2, 1,
+        output = node().train(model, clip, vae, base, input_dataset, "a {kind} pattern, {name}", "from_node", 4, 3, 2, 1,
                               1e-3, 0.3, SIZE, 0, 0, True, pack.nodes.training.NO_START, False, unique_id="3")
         condition, report = output["result"]
         assert "Saved" in report and "8 pairs used" in report
@@ -333,7 +341,7 @@ def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, datase
         assert len(outputs) == 5 and all(torch.isfinite(o).all() for o in outputs)
 
 
-def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files, dataset, monkeypatch):
+def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files, input_dataset, monkeypatch):
     """Cancel (ComfyUI's interrupt flag) after step 2, then the same node queued again finishes the run."""
     node = pack.nodes.training.TrainCtrLoRA
     step = training.ComfyReporter.step
@@ -349,7 +357,7 @@ def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files
     with torch.inference_mode():
         model, vae, clip = tiny.tiny_model(), tiny.tiny_vae(), tiny_clip()
         (base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
-        inputs = (model, clip, vae, base, dataset, "", "resumed", 4, 4, 2, 1, 1e-3, 0.3, SIZE, 0, 0, True,
+        inputs = (model, clip, vae, base, input_dataset, "", "resumed", 4, 4, 2, 1, 1e-3, 0.3, SIZE, 0, 0, True,
                   pack.nodes.training.NO_START, False)
         with pytest.raises(Interrupted):
             node().train(*inputs)
