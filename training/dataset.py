@@ -4,6 +4,8 @@ Layouts (``folder`` is the dataset root):
 
 * official: ``prompt.json`` with one JSON object per line, ``{"source": "source/0000.jpg", "target":
   "target/0000.jpg", "prompt": "..."}``; paths are relative to the root and may not leave it.
+  In either layout, files, captions and links must stay inside the root: links leading out are skipped and
+  counted, naming only the link.
 * paired: ``source/<stem>.<ext>`` and ``target/<stem>.<ext>`` with the same stem; an optional caption
   ``<stem>.txt`` next to the target (or the source).
 
@@ -27,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..ctrlora_core import CtrLoRAError
+from .paths import inside
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_EXTENSION = ".txt"
@@ -39,6 +42,7 @@ SKIP_REASONS = {
     "not_image": "files that are not images",
     "unreadable": "unreadable or corrupt images",
     "outside": "prompt.json paths outside the dataset folder",
+    "link_outside": "files or captions that are links leading outside the dataset folder",
     "missing": "prompt.json paths to missing files",
     "bad_line": "prompt.json lines that are not a {source, target, prompt} object",
     "duplicate": "images with the same name as another (first one kept)",
@@ -146,16 +150,16 @@ def _is_image(path):
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _read_caption(*candidates):
+def _read_caption(root, report, *candidates):
     for path in candidates:
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return f.read().strip()
+        if not os.path.isfile(path):
+            continue
+        if not inside(root, os.path.realpath(path)):
+            report.skip("link_outside", os.path.relpath(path, root))
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
     return None
-
-
-def _inside(root, path):
-    return os.path.commonpath([root, path]) == root
 
 
 def _choose_prompt(template, stem, caption, report):
@@ -186,10 +190,10 @@ def _scan_prompt_json(root, template, report):
             report.skip("bad_line", f"line {number}")
             continue
         paths = []
-        for rel in (source, target):
+        for key, rel in (("source", source), ("target", target)):
             path = os.path.realpath(os.path.join(root, rel))
-            if os.path.isabs(rel) or not _inside(root, path):
-                report.skip("outside", rel)
+            if os.path.isabs(rel) or not inside(root, path):
+                report.skip("outside", f"line {number} ({key})")  # nothing about what lies outside
             elif not os.path.isfile(path):
                 report.skip("missing", rel)
             elif not _is_image(path):
@@ -207,14 +211,17 @@ def _scan_prompt_json(root, template, report):
     return pairs
 
 
-def _images_by_stem(folder, label, report):
+def _images_by_stem(root, label, report):
     images = {}
+    folder = os.path.join(root, label)
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         if not os.path.isfile(path) or entry.lower().endswith(CAPTION_EXTENSION):
             continue
         stem = os.path.splitext(entry)[0]
-        if not _is_image(entry):
+        if not inside(root, os.path.realpath(path)):
+            report.skip("link_outside", f"{label}/{entry}")
+        elif not _is_image(entry):
             report.skip("not_image", f"{label}/{entry}")
         elif stem in images:
             report.skip("duplicate", f"{label}/{entry}")
@@ -224,13 +231,13 @@ def _images_by_stem(folder, label, report):
 
 
 def _scan_paired(root, template, report):
-    sources = _images_by_stem(os.path.join(root, "source"), "source", report)
-    targets = _images_by_stem(os.path.join(root, "target"), "target", report)
+    sources = _images_by_stem(root, "source", report)
+    targets = _images_by_stem(root, "target", report)
     for stem in sorted(set(sources) ^ set(targets)):
         report.skip("unpaired", f"{'source' if stem in sources else 'target'}/{os.path.basename((sources | targets)[stem])}")
     pairs = []
     for stem in sorted(set(sources) & set(targets)):
-        caption = _read_caption(os.path.join(root, "target", stem + CAPTION_EXTENSION),
+        caption = _read_caption(root, report, os.path.join(root, "target", stem + CAPTION_EXTENSION),
                                 os.path.join(root, "source", stem + CAPTION_EXTENSION))
         prompt = _choose_prompt(template, stem, caption, report)
         if prompt is None:
@@ -249,7 +256,11 @@ def scan(folder, template="", name_pattern=""):
     if not os.path.isdir(root):
         raise CtrLoRAError(f"Train CtrLoRA: the dataset folder {folder} does not exist or is not a folder.")
     report = DatasetReport(folder=root)
-    if os.path.isfile(os.path.join(root, PROMPT_FILE)):
+    prompt_file = os.path.join(root, PROMPT_FILE)
+    if os.path.lexists(prompt_file) and not inside(root, os.path.realpath(prompt_file)):
+        raise CtrLoRAError(f"Train CtrLoRA: {PROMPT_FILE} in {root} is a link that leads outside the dataset folder; "
+                           f"put the file itself there.")
+    if os.path.isfile(prompt_file):
         report.layout = "prompt.json"
         pairs = _scan_prompt_json(root, template, report)
     elif os.path.isdir(os.path.join(root, "source")) and os.path.isdir(os.path.join(root, "target")):
