@@ -6,13 +6,13 @@ a condition LoRA file carries only the tensors that belong to one condition (see
 """
 import os
 import pickle
-import tempfile
 
 import safetensors.torch
 import torch
 
 import comfy.utils
 
+from .atomic import write_new
 from .errors import CtrLoRAError
 
 PREFIX = "control_model."
@@ -57,22 +57,13 @@ def load_state_dict(path):
 
 
 def save_lora_file(tensors, path, metadata=None):
-    """Writes a condition LoRA as ``.safetensors`` in the official key layout, atomically.
+    """Writes a condition LoRA as ``.safetensors`` in the official key layout, atomically, on any filesystem.
 
     ``tensors`` uses the official key names without the ``control_model.`` prefix. Never overwrites.
     """
-    if os.path.exists(path):
-        raise CtrLoRAError(f"{os.path.basename(path)}: already exists; choose another output name.")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    out = {PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    text = {k: str(v) for k, v in (metadata or {}).items()}
     try:
-        out = {PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        safetensors.torch.save_file(out, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        # link() fails if the name appeared meanwhile, so a concurrent writer is never overwritten either.
-        os.link(tmp, path)
+        write_new(path, lambda temp: safetensors.torch.save_file(out, temp, metadata=text))
     except FileExistsError as e:
         raise CtrLoRAError(f"{os.path.basename(path)}: already exists; choose another output name.") from e
-    finally:
-        os.unlink(tmp)

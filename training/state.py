@@ -15,12 +15,12 @@ import glob
 import json
 import os
 import re
-import tempfile
 
 import safetensors.torch
 import torch
 
 from ..ctrlora_core import CtrLoRAError
+from ..ctrlora_core.atomic import write_replace
 from ..ctrlora_core.checkpoint import save_lora_file
 
 STATE_VERSION = 1
@@ -30,39 +30,37 @@ RUN_DEFINING = ("rank", "batch_size", "grad_accum", "lr", "prompt_dropout", "res
                 "weight_decay", "precision")
 
 
+# Characters that leave the folder, or that exFAT, FAT32, SMB or Windows refuse in a file name.
+NAME_FORBIDDEN = '/\\:*?"<>|'
+# Windows device names: "NUL.safetensors" would not be a file there.
+RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+# Room for the longest name derived from it (<name>_step000500.safetensors) within the usual 255-byte limit.
+NAME_MAX_BYTES = 200
+
+
 def output_paths(folder, name, label="Train CtrLoRA"):
-    """``(lora_path, run_folder)`` for an output ``name``; refuses names that would leave ``folder``."""
+    """``(lora_path, run_folder)`` for an output ``name``; refuses names that would leave ``folder`` or that some
+    filesystem could not store."""
     raw = name
     name = (name or "").strip()
     if name.endswith(LORA_EXTENSION):
         name = name[:-len(LORA_EXTENSION)]
     if not name:
         raise CtrLoRAError(f"{label}: the output name is empty.")
-    bad = [c for c in ("/", "\\", ":") if c in name] + ([".."] if ".." in name else [])
-    if bad or name.startswith(".") or any(ord(c) < 32 for c in name) or (os.sep in name) or \
-            (os.altsep and os.altsep in name):
-        raise CtrLoRAError(f"{label}: the output name {raw!r} must be a plain file name (no folders, "
-                           f"'..', ':' or leading '.'); it is saved in {folder}.")
+    if any(c in NAME_FORBIDDEN or ord(c) < 32 for c in name) or ".." in name or name.startswith(".") or \
+            (os.altsep and os.altsep in name) or name.split(".")[0].upper() in RESERVED_NAMES:
+        raise CtrLoRAError(f"{label}: the output name {raw!r} must be a plain file name (no folders, '..', "
+                           f"leading '.', device names or any of {NAME_FORBIDDEN} ); it is saved in {folder}.")
+    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        raise CtrLoRAError(f"{label}: the output name is {len(name.encode('utf-8'))} bytes long; "
+                           f"use at most {NAME_MAX_BYTES}.")
     return os.path.join(folder, name + LORA_EXTENSION), os.path.join(folder, name + ".train")
 
 
 def check_new_output(path, label="Train CtrLoRA"):
-    if os.path.exists(path):
+    if os.path.lexists(path):  # a link, even a broken one, is a file that is never replaced
         raise CtrLoRAError(f"{label}: {os.path.basename(path)} already exists in {os.path.dirname(path)}; "
                            "choose another output name (existing files are never overwritten).")
-
-
-def _atomic_write(path, write):
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_json(path, document):
@@ -98,9 +96,9 @@ def write_state(run_folder, step, tensors, document):
     """Writes a resumable state at ``step`` atomically: the tensors file first, then ``state.json`` (which names
     it), then older tensors files are removed; a crash at any point leaves a consistent state."""
     name = f"state-{step:08d}.tensors"
-    _atomic_write(os.path.join(run_folder, name), lambda p: safetensors.torch.save_file(tensors, p))
+    write_replace(os.path.join(run_folder, name), lambda p: safetensors.torch.save_file(tensors, p))
     document = {"version": STATE_VERSION, "step": step, "tensors": name, **document}
-    _atomic_write(os.path.join(run_folder, "state.json"), lambda p: _write_json(p, document))
+    write_replace(os.path.join(run_folder, "state.json"), lambda p: _write_json(p, document))
     for old in glob.glob(os.path.join(run_folder, "state-*.tensors")):
         if os.path.basename(old) != name:
             os.unlink(old)
