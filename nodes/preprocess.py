@@ -1,0 +1,210 @@
+"""Condition images made exactly as the official CtrLoRA preprocessors made the training data: thin schemas over
+``ctrlora_core.preprocess``. Every node takes a ComfyUI IMAGE (a batch is processed frame by frame with the same
+parameters) and can first apply the official resize."""
+import numpy as np
+
+from ..ctrlora_core import preprocess as core
+from ..ctrlora_core.errors import CtrLoRAError
+
+CATEGORY = "conditioning/ctrlora/preprocess"
+RANDOM = -1  # a parameter at -1 is drawn from the seed as the official training-data tool draws it
+
+RESOLUTION = ("INT", {"default": 512, "min": 0, "max": 2048, "step": 64, "tooltip":
+                      "The official resize first: short side to this (sides rounded to multiples of 64), Lanczos "
+                      "when enlarging, area when shrinking. The official LoRAs were trained at 512. 0 keeps the size."})
+SEED = ("INT", {"default": 0, "min": 0, "max": 2**32 - 1, "control_after_generate": "fixed", "tooltip":
+                "Seeds the official random draws (and any parameter set to -1), so the same seed gives the same image."})
+
+
+def _percent(default, what):
+    return ("INT", {"default": default, "min": RANDOM, "max": 100, "tooltip":
+                    f"{what}, in percent. -1: drawn from the seed as the official tool draws it."})
+
+
+class _Preprocessor:
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("condition_image",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), **cls.parameters(), "resolution": RESOLUTION}}
+
+    @classmethod
+    def parameters(cls):
+        return {}
+
+
+class Preprocess(_Preprocessor):
+    DESCRIPTION = ("The official CtrLoRA preprocessors without parameters: palette (one colour per 64x64 block), "
+                   "grayscale, illusion (3-level blue-channel map), shuffle (random smooth warp), canny (OpenCV's, "
+                   "thresholds 100/200; needs opencv-python).")
+    METHODS = {"palette": core.palette, "grayscale": core.grayscale, "illusion": core.illusion,
+               "shuffle": core.shuffle, "canny": core.canny}
+
+    @classmethod
+    def parameters(cls):
+        return {"method": (list(cls.METHODS), {"tooltip": "The official preprocessor of the LoRA you apply."}),
+                "seed": SEED}
+
+    def run(self, image, method, seed, resolution):
+        if method != "shuffle":
+            return (core.preprocess_images(image, self.METHODS[method], resolution),)
+        rng, flow = np.random.RandomState(seed), []
+
+        def shuffle(img):  # one flow for the whole batch: every frame is warped alike
+            if not flow:
+                flow.extend(core.shuffle_flow(img.shape[0], img.shape[1], rng))
+            return core.remap(img, *flow)
+        return (core.preprocess_images(image, shuffle, resolution),)
+
+
+class PixelArt(_Preprocessor):
+    DESCRIPTION = ("The official pixel preprocessor: Lanczos shrink by `scale`, each pixel to the nearest of `colors` "
+                   "k-means colours, nearest enlarge. The palette is this node's own k-means (seeded).")
+
+    @classmethod
+    def parameters(cls):
+        return {"colors": ("INT", {"default": 12, "min": RANDOM, "max": 64, "tooltip":
+                                   "Palette size (official draws 8-16). -1: drawn from the seed."}),
+                "scale": ("INT", {"default": 6, "min": RANDOM, "max": 64, "tooltip":
+                                  "Pixel size (official draws 4-8). -1: drawn from the seed."}),
+                "seed": SEED}
+
+    def run(self, image, colors, scale, seed, resolution):
+        rng = np.random.RandomState(seed)
+        drawn_colors, drawn_scale = core.draw_pixel(rng) if RANDOM in (colors, scale) else (colors, scale)
+        colors = drawn_colors if colors == RANDOM else colors
+        scale = drawn_scale if scale == RANDOM else scale
+        if colors < 1 or scale < 1:
+            raise CtrLoRAError(f"CtrLoRA Pixel Art: colors ({colors}) and scale ({scale}) must be at least 1, or -1.")
+        frames = core.to_uint8(image)
+        if resolution:
+            frames = [core.resize_image(f, resolution) for f in frames]
+        # One palette for the whole batch (from the first frame), so that video frames keep their colours.
+        first = frames[0]
+        small = core.cv_resize(first, max(first.shape[1] // scale, 32), max(first.shape[0] // scale, 32), "lanczos4")
+        palette = core.kmeans_palette(small, colors, rng)
+        return (core.to_image([core.pixel(f, colors, scale, colours=palette) for f in frames]),)
+
+
+class Blur(_Preprocessor):
+    DESCRIPTION = "The official blur: Gaussian with sigma 4 whatever the kernel size (the released LoRA's quirk)."
+
+    @classmethod
+    def parameters(cls):
+        return {"kernel_size": ("INT", {"default": 55, "min": RANDOM, "max": 201, "tooltip":
+                                        "Odd. Official draws: median 55; 33 and above give the same image (sigma 4). "
+                                        "-1: drawn from the seed."}),
+                "seed": SEED}
+
+    def run(self, image, kernel_size, seed, resolution):
+        if kernel_size == RANDOM:
+            kernel_size = core.draw_blur_ksize(np.random.RandomState(seed))
+        return (core.preprocess_images(image, lambda img: core.blur(img, kernel_size), resolution),)
+
+
+class Jpeg(_Preprocessor):
+    DESCRIPTION = "The official jpeg preprocessor: JPEG compression at `quality` (4:2:0), decoded again."
+
+    @classmethod
+    def parameters(cls):
+        return {"quality": ("INT", {"default": 20, "min": RANDOM, "max": 100, "tooltip":
+                                    "Official draws: around 10-30 (mean 20). -1: drawn from the seed."}),
+                "seed": SEED}
+
+    def run(self, image, quality, seed, resolution):
+        if quality == RANDOM:
+            quality = core.draw_jpeg_quality(np.random.RandomState(seed))
+        return (core.preprocess_images(image, lambda img: core.jpeg(img, quality), resolution),)
+
+
+class Inpainting(_Preprocessor):
+    DESCRIPTION = ("Black holes to fill, as the official inpainting preprocessors: `mask` (e.g. painted in the mask "
+                   "editor: masked pixels become black, for the inpainting_brush LoRA), else random brush strokes "
+                   "(inpainting_brush), or a centred rectangle (inpainting).")
+
+    @classmethod
+    def parameters(cls):
+        return {"method": (["brush strokes", "rectangle"], {"tooltip":
+                           "Without a mask: random strokes as inpainting_brush was trained, or the rectangle of "
+                           "the inpainting preprocessor."}),
+                "seed": SEED,
+                "top": _percent(50, "rectangle: hole above the centre, as a share of the height"),
+                "bottom": _percent(50, "rectangle: hole below the centre"),
+                "left": _percent(50, "rectangle: hole left of the centre, as a share of the width"),
+                "right": _percent(50, "rectangle: hole right of the centre")}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["optional"] = {"mask": ("MASK", {"tooltip": "Masked pixels (1) become black; overrides the method."})}
+        return types
+
+    def run(self, image, method, seed, top, bottom, left, right, resolution, mask=None):
+        rng = np.random.RandomState(seed)
+        frames = core.to_uint8(image)
+        if resolution:
+            frames = [core.resize_image(f, resolution) for f in frames]
+        if mask is not None:
+            masks = core.mask_to_uint8(mask, frames[0].shape[:2], resolution)
+            if len(masks) not in (1, len(frames)):
+                raise CtrLoRAError(f"CtrLoRA Inpainting: {len(masks)} masks for {len(frames)} images; give 1 or "
+                                   f"{len(frames)}.")
+            return (core.to_image([core.blank(f, masks[i % len(masks)]) for i, f in enumerate(frames)]),)
+        if method == "brush strokes":
+            strokes = core.brush_mask(frames[0].shape[0], frames[0].shape[1], rng)
+            return (core.to_image([core.blank(f, strokes) for f in frames]),)
+        if RANDOM in (top, bottom, left, right):
+            drawn = core.draw_inpainting(rng)
+            top, bottom, left, right = (d if v == RANDOM else v for v, d in zip((top, bottom, left, right), drawn))
+        return (core.to_image([core.inpainting(f, top, bottom, left, right) for f in frames]),)
+
+
+class Outpainting(_Preprocessor):
+    DESCRIPTION = "The official outpainting preprocessor: keeps a centred window of the image, black around it."
+
+    @classmethod
+    def parameters(cls):
+        return {"keep_height": _percent(50, "Height of the kept window (official draws 20-79)"),
+                "keep_width": _percent(50, "Width of the kept window (official draws 20-79)"),
+                "seed": SEED}
+
+    def run(self, image, keep_height, keep_width, seed, resolution):
+        drawn = core.draw_outpainting(np.random.RandomState(seed))
+        keep_height = drawn[0] if keep_height == RANDOM else keep_height
+        keep_width = drawn[1] if keep_width == RANDOM else keep_width
+        return (core.preprocess_images(image, lambda img: core.outpainting(img, keep_height, keep_width), resolution),)
+
+
+class Pad(_Preprocessor):
+    DESCRIPTION = "The official pad preprocessor: black borders, each a share of the image's height or width."
+
+    @classmethod
+    def parameters(cls):
+        ratio = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip": "The official app uses 0.5."})
+        return {"top": ratio, "bottom": ratio, "left": ratio, "right": ratio}
+
+    def run(self, image, top, bottom, left, right, resolution):
+        return (core.preprocess_images(image, lambda img: core.pad(img, top, bottom, left, right), resolution),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CtrLoRAPreprocess": Preprocess,
+    "CtrLoRAPixelArt": PixelArt,
+    "CtrLoRABlur": Blur,
+    "CtrLoRAJpeg": Jpeg,
+    "CtrLoRAInpainting": Inpainting,
+    "CtrLoRAOutpainting": Outpainting,
+    "CtrLoRAPad": Pad,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CtrLoRAPreprocess": "CtrLoRA Preprocess",
+    "CtrLoRAPixelArt": "CtrLoRA Pixel Art",
+    "CtrLoRABlur": "CtrLoRA Blur",
+    "CtrLoRAJpeg": "CtrLoRA JPEG",
+    "CtrLoRAInpainting": "CtrLoRA Inpainting",
+    "CtrLoRAOutpainting": "CtrLoRA Outpainting",
+    "CtrLoRAPad": "CtrLoRA Pad",
+}
