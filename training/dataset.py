@@ -14,8 +14,9 @@ fields, in their order of first appearance, the values ``upper``, ``front``, ...
 ``{jaw}_{view}_{index}`` names them explicitly). ``{name}`` is the whole stem and ``{caption}`` the item's caption.
 With an empty template the caption is the prompt (``prompt.json``'s ``prompt``, or the ``.txt`` file).
 
-Everything that cannot be used is skipped and counted in a ``DatasetReport``; images are resized (short side) and
-centre-cropped to the training resolution when loaded.
+Everything that cannot be used is skipped and counted in a ``DatasetReport``. Images are decoded to 8-bit RGB as the
+official loader (OpenCV) does, in any mode (see ``images.py``), then resized (short side) and centre-cropped to the
+training resolution.
 """
 import dataclasses
 import json
@@ -26,10 +27,11 @@ import string
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..ctrlora_core import CtrLoRAError
 from .paths import inside
+from .images import UnsupportedImage, decode
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_EXTENSION = ".txt"
@@ -41,6 +43,7 @@ SKIP_REASONS = {
     "unpaired": "files without a partner of the same name in the other folder",
     "not_image": "files that are not images",
     "unreadable": "unreadable or corrupt images",
+    "unsupported": "images without a defined 8-bit conversion",
     "outside": "prompt.json paths outside the dataset folder",
     "link_outside": "files or captions that are links leading outside the dataset folder",
     "missing": "prompt.json paths to missing files",
@@ -278,10 +281,10 @@ def scan(folder, template="", name_pattern=""):
 
 
 def load_image(path, resolution):
-    """An RGB image as a ComfyUI IMAGE row ``[resolution, resolution, 3]`` in [0, 1]: the short side is resized
-    to ``resolution``, then the centre is cropped. Raises ``OSError``/``ValueError`` for unreadable files."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    """An image as a ComfyUI IMAGE row ``[resolution, resolution, 3]`` in [0, 1], decoded to 8-bit RGB as the
+    official loader does (``images.decode``); the short side is resized to ``resolution``, then the centre is
+    cropped. Raises ``OSError``/``ValueError`` for unusable files."""
+    image = Image.fromarray(decode(path))
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -293,13 +296,18 @@ def load_image(path, resolution):
 
 
 def load_pair(pair, resolution, report):
-    """``(condition, target)`` images of a pair, or None (counted as unreadable) if either cannot be decoded."""
+    """``(condition, target)`` images of a pair, or None (counted as unreadable or unsupported) if either cannot be
+    used."""
     images = []
     for path in (pair.source, pair.target):
         try:
             images.append(load_image(path, resolution))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             logging.warning("Train CtrLoRA: skipping %s: %s", path, e)
-            report.skip("unreadable", os.path.relpath(path, report.folder))
+            item = os.path.relpath(path, report.folder)
+            if isinstance(e, UnsupportedImage):
+                report.skip("unsupported", f"{item} ({e})")
+            else:
+                report.skip("unreadable", item)
             return None
     return images

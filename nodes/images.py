@@ -1,0 +1,31 @@
+"""Load Condition Image (as trained): ComfyUI's Load Image, decoding the file as training does.
+
+ComfyUI's Load Image clips 16-bit PNGs (a 16-bit ramp comes out almost all white), reads float TIFFs clipped and
+converts CMYK with Pillow's formula; training decodes every mode as the official loader (OpenCV) does. This node
+reads from the same input folder, with the same upload widget, through the training decoder.
+"""
+import nodes as comfy_nodes
+import folder_paths
+import torch
+
+from ..training.images import decode, decode_alpha
+
+CATEGORY = "conditioning/ctrlora"
+
+
+class LoadConditionImage(comfy_nodes.LoadImage):
+    DESCRIPTION = ("Loads an image from ComfyUI's input folder exactly as Train CtrLoRA reads its training images "
+                   "(16-bit and float images scaled to 8 bits as the official loader does, not clipped). Use it for "
+                   "condition images at inference. MASK: 1 - alpha, as Load Image.")
+    CATEGORY = CATEGORY
+
+    def load_image(self, image):
+        path = folder_paths.get_annotated_filepath(image)
+        rgb = torch.from_numpy(decode(path)).float().div(255.0)[None]
+        alpha = decode_alpha(path)
+        mask = torch.zeros((64, 64)) if alpha is None else 1.0 - torch.from_numpy(alpha).float().div(255.0)
+        return rgb, mask[None]
+
+
+NODE_CLASS_MAPPINGS = {"CtrLoRALoadConditionImage": LoadConditionImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"CtrLoRALoadConditionImage": "Load Condition Image (as trained)"}
