@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 
 import torch
 
@@ -18,10 +19,19 @@ EMPTY_PROMPT = ""
 
 
 def clip_prompt_encoder(clip):
-    """``prompt -> [1, tokens, channels]`` with a ComfyUI CLIP, as CLIPTextEncode does."""
+    """``prompt -> [1, tokens, channels]`` with a ComfyUI CLIP, as the official FrozenCLIPEmbedder encodes a caption:
+    the raw text (ComfyUI's ``(word:1.2)`` weighting syntax is read as literal text) cut to CLIP's 77 tokens (start,
+    the first 75 tokens, end): only the first of the 77-token windows CLIPTextEncode would encode."""
     def encode(prompt):
-        return clip.encode_from_tokens(clip.tokenize(prompt))
+        tokens = clip.tokenize(_escape_backslashed_parentheses(prompt), disable_weights=True)
+        return clip.encode_from_tokens({name: windows[:1] for name, windows in tokens.items()})
     return encode
+
+
+def _escape_backslashed_parentheses(text):
+    """ComfyUI's tokenizer reads ``\\(`` as an escaped ``(`` even with weights disabled; one more backslash keeps
+    the caption's backslash."""
+    return re.sub(r"\\(?=[()])", r"\\\\", text)
 
 
 def encode_images(vae, latent_format, condition, target):
