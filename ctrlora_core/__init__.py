@@ -5,8 +5,12 @@ from .control import CtrLoRAControl, apply_control
 from .errors import CtrLoRAError
 from .hint import encode_condition
 from .lora import Condition, ConditionAdapter, load_condition
+from .xl.control import CONTROL_CLASSES, LATENT_FAMILY_KEY, check_latent_family
+from .xl.hint import FAMILIES, encode_xl_condition
+from .xl.lora import list_embedded, load_xl_condition
 
 __all__ = [
-    "BaseControlNet", "Condition", "ConditionAdapter", "CtrLoRAControl", "CtrLoRAError",
-    "apply_control", "encode_condition", "load_base", "load_condition",
+    "BaseControlNet", "CONTROL_CLASSES", "Condition", "ConditionAdapter", "CtrLoRAControl", "CtrLoRAError",
+    "FAMILIES", "LATENT_FAMILY_KEY", "apply_control", "check_latent_family", "encode_condition",
+    "encode_xl_condition", "list_embedded", "load_base", "load_condition", "load_xl_condition",
 ]

@@ -72,10 +72,12 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         super().cleanup()
 
 
-def apply_control(positive, negative, condition, latent, strength, start_percent, end_percent):
+def apply_control(positive, negative, condition, latent, strength, start_percent, end_percent,
+                  control_class=CtrLoRAControl):
     """Adds ``condition`` (hint ``latent``, unscaled) to the control chain of both conditionings.
 
     As ComfyUI's own ControlNet apply: the negative pass gets the control too (official sampling does).
+    ``control_class``: CtrLoRA-XL conditions run as ``xl.control.XLControl``.
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise CtrLoRAError(
@@ -91,7 +93,7 @@ def apply_control(positive, negative, condition, latent, strength, start_percent
         )
     if strength == 0:
         return positive, negative
-    template = CtrLoRAControl(condition)
+    template = control_class(condition)
     by_previous = {}
     result = []
     for conditioning in (positive, negative):

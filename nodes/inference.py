@@ -1,5 +1,8 @@
 """The four inference nodes: thin schemas over ``ctrlora_core``."""
-from ..ctrlora_core import apply_control, encode_condition, load_base, load_condition
+from ..ctrlora_core import (
+    CONTROL_CLASSES, FAMILIES, LATENT_FAMILY_KEY, apply_control, check_latent_family, encode_condition,
+    encode_xl_condition, list_embedded, load_base, load_condition, load_xl_condition,
+)
 from ..ctrlora_core.info import describe_lora
 from . import model_folders
 
@@ -23,6 +26,13 @@ class LoadBaseControlNet:
         return (load_base(model_folders.resolve(base_name, model_folders.BASE_FOLDERS, "Load Base ControlNet")),)
 
 
+def _embedded_conditions():
+    """``<base file>:<adapter>`` for the base-condition adapters CtrLoRA-XL base files carry."""
+    folders = model_folders.BASE_FOLDERS
+    return [entry for name in model_folders.list_files(folders)
+            for entry in list_embedded(model_folders.resolve(name, folders, "Load CtrLoRA"))]
+
+
 class LoadCtrLoRA:
     DESCRIPTION = "Loads one condition LoRA (canny, depth, ...) onto a base. N conditions cost one base plus N small LoRAs."
 
@@ -30,7 +40,9 @@ class LoadCtrLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "base": ("CTRLORA_BASE",),
-            "lora_name": (model_folders.list_files([model_folders.FOLDER]), {"tooltip": "From models/ctrlora/."}),
+            "lora_name": (model_folders.list_files([model_folders.FOLDER]) + _embedded_conditions(),
+                          {"tooltip": "From models/ctrlora/; 'file:adapter' is a condition built into a "
+                                      "CtrLoRA-XL base file."}),
         }}
 
     RETURN_TYPES = ("CTRLORA",)
@@ -40,27 +52,41 @@ class LoadCtrLoRA:
 
     def load(self, base, lora_name):
         """The condition, and what the file is (condition, rank, keys, size) for the node's display."""
-        path = model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA")
-        condition = load_condition(base, path)
+        file_name, embedded, adapter = lora_name.rpartition(":")
+        if embedded:  # a CtrLoRA-XL base file's own condition
+            path = model_folders.resolve(file_name, model_folders.BASE_FOLDERS, "Load CtrLoRA")
+        else:
+            path, adapter = model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA"), None
+        if base.family == "xl":
+            condition = load_xl_condition(base, path, adapter)
+        else:
+            condition = load_condition(base, path)
         info = describe_lora(path, condition.adapter.rank, len(condition.adapter.names))
+        if adapter:
+            info.update(file=lora_name, condition=adapter,
+                        size_bytes=sum(t.numel() * t.element_size() for t in condition.adapter.tensors))
         return {"ui": {"ctrlora_lora": [info]}, "result": (condition,)}
 
 
 class VAEConditionEncode:
     DESCRIPTION = ("Encodes a condition image (canny map, depth map, ...) with the checkpoint's VAE, as CtrLoRA "
-                   "expects: the encoder sees the image in [0, 1].")
+                   "expects: for SD1.5 the encoder sees the image in [0, 1]; for SDXL (CtrLoRA-XL) in [-1, 1].")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "vae": ("VAE",)}}
+        return {"required": {"image": ("IMAGE",), "vae": ("VAE",)},
+                "optional": {"model_family": (list(FAMILIES), {
+                    "default": "SD1.5", "tooltip": "The checkpoint's family: SD1.5, or SDXL for CtrLoRA-XL."})}}
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("condition_latent",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, image, vae):
-        return ({"samples": encode_condition(vae, image)},)
+    def encode(self, image, vae, model_family="SD1.5"):
+        family = FAMILIES[model_family]
+        samples = (encode_xl_condition if family == "xl" else encode_condition)(vae, image)
+        return ({"samples": samples, LATENT_FAMILY_KEY: family},)
 
 
 class ApplyCtrLoRA:
@@ -86,8 +112,9 @@ class ApplyCtrLoRA:
     CATEGORY = CATEGORY
 
     def apply(self, positive, negative, condition, condition_latent, strength, start_percent, end_percent):
+        check_latent_family(condition, condition_latent.get(LATENT_FAMILY_KEY))
         return apply_control(positive, negative, condition, condition_latent["samples"],
-                             strength, start_percent, end_percent)
+                             strength, start_percent, end_percent, CONTROL_CLASSES[condition.base.family])
 
 
 NODE_CLASS_MAPPINGS = {

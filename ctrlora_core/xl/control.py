@@ -1,0 +1,66 @@
+"""CtrLoRA-XL conditions in ComfyUI's sampling: as SD1.5's ``CtrLoRAControl``, but the XL ControlNet also takes the
+noisy latent and SDXL's ``y`` (pooled text + size conditions), which it reads from the sampling call as ComfyUI's
+own ControlNet does."""
+import comfy.model_base
+
+from ..control import CtrLoRAControl
+from ..errors import CtrLoRAError
+from .hint import FAMILIES
+
+LATENT_FAMILY_KEY = "ctrlora_family"  # set by VAE Condition Encode in its LATENT
+
+
+class XLControl(CtrLoRAControl):
+    def pre_run(self, model, percent_to_timestep_function):
+        check_sampled_model(model, self.condition)
+        super().pre_run(model, percent_to_timestep_function)
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if self.timestep_range is not None and not (self.timestep_range[1] <= t[0] <= self.timestep_range[0]):
+            return control_prev
+        hint = self.hint_for(x_noisy, batched_number)
+        dtype = self.condition.base.compute_dtype
+        if cond.get("y") is None:
+            raise CtrLoRAError(f"Apply CtrLoRA ({self.condition.name}): the sampled model gave no SDXL 'y' "
+                               "(pooled text and size conditions); a CtrLoRA-XL condition needs an SDXL checkpoint.")
+        y = comfy.model_base.convert_tensor(cond["y"], dtype, x_noisy.device)
+        context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(x_noisy.device, dtype)
+        x = self.model_sampling.calculate_input(t, x_noisy).to(dtype)
+        timesteps = self.model_sampling.timestep(t).to(dtype)
+        control = self.condition(x, hint, timesteps, context, y)
+        return self.control_merge(control, control_prev, output_dtype=None)
+
+    def copy(self):
+        c = XLControl(self.condition)
+        self.copy_to(c)
+        return c
+
+
+def check_sampled_model(model, condition):
+    """Refuses a sampled model that is not SDXL-shaped for this base (an SD1.5 checkpoint, most likely)."""
+    unet = model.model_config.unet_config
+    adm = condition.base.model.label_emb[0][0].in_features
+    if unet.get("adm_in_channels") != adm:
+        raise CtrLoRAError(
+            f"Apply CtrLoRA ({condition.name}): {condition.base.name} is a CtrLoRA-XL base and controls SDXL "
+            f"checkpoints, but the sampled model is {type(model.model_config).__name__} (its extra conditioning "
+            f"has {unet.get('adm_in_channels')} channels, the base's {adm}). Load an SDXL checkpoint, or use an "
+            "SD1.5 CtrLoRA base and LoRAs with this model.")
+
+
+def check_latent_family(condition, family):
+    """Refuses a condition latent that VAE Condition Encode made for the other model family."""
+    wanted = condition.base.family
+    if family is not None and family != wanted:
+        label = {v: k for k, v in FAMILIES.items()}
+        raise CtrLoRAError(
+            f"Apply CtrLoRA ({condition.name}): the condition latent was encoded for {label[family]}, but "
+            f"{condition.base.name} is an {label[wanted]} base. Set VAE Condition Encode's model_family to "
+            f"{label[wanted]} and give it the {label[wanted]} checkpoint's VAE.")
+
+
+# The control that runs a condition of each base family in sampling.
+CONTROL_CLASSES = {"sd15": CtrLoRAControl, "xl": XLControl}
