@@ -250,18 +250,19 @@ def _scan_paired(root, template, report):
     return pairs
 
 
-def scan(folder, template="", name_pattern=""):
-    """Lists the usable pairs of ``folder``. Returns ``(pairs, report)``; no image is decoded yet."""
+def scan(folder, template="", name_pattern="", label="Train CtrLoRA"):
+    """Lists the usable pairs of ``folder``. Returns ``(pairs, report)``; no image is decoded yet. ``label`` starts
+    the error messages (the caller and, where it has several, which folder)."""
     template = PromptTemplate(template, name_pattern)
     if not folder or not str(folder).strip():
-        raise CtrLoRAError("Train CtrLoRA: no dataset folder given.")
+        raise CtrLoRAError(f"{label}: no dataset folder given.")
     root = os.path.realpath(os.path.expanduser(str(folder).strip()))
     if not os.path.isdir(root):
-        raise CtrLoRAError(f"Train CtrLoRA: the dataset folder {folder} does not exist or is not a folder.")
+        raise CtrLoRAError(f"{label}: the dataset folder {folder} does not exist or is not a folder.")
     report = DatasetReport(folder=root)
     prompt_file = os.path.join(root, PROMPT_FILE)
     if os.path.lexists(prompt_file) and not inside(root, os.path.realpath(prompt_file)):
-        raise CtrLoRAError(f"Train CtrLoRA: {PROMPT_FILE} in {root} is a link that leads outside the dataset folder; "
+        raise CtrLoRAError(f"{label}: {PROMPT_FILE} in {root} is a link that leads outside the dataset folder; "
                            f"put the file itself there.")
     if os.path.isfile(prompt_file):
         report.layout = "prompt.json"
@@ -271,11 +272,11 @@ def scan(folder, template="", name_pattern=""):
         pairs = _scan_paired(root, template, report)
     else:
         raise CtrLoRAError(
-            f"Train CtrLoRA: {root} is not a dataset folder: it needs either {PROMPT_FILE} (one JSON object per line: "
+            f"{label}: {root} is not a dataset folder: it needs either {PROMPT_FILE} (one JSON object per line: "
             "source, target, prompt) or the subfolders source/ and target/ with images of the same names."
         )
     if not pairs:
-        raise CtrLoRAError(f"Train CtrLoRA: no usable condition/target pairs.\n{report.summary()}")
+        raise CtrLoRAError(f"{label}: no usable condition/target pairs.\n{report.summary()}")
     report.used = len(pairs)  # until decoding finds unreadable ones
     return pairs, report
 
