@@ -3,11 +3,15 @@
 The condition comes from the official file name ``ctrlora_sd15_<basecn>_<condition>[_rank<r>][_<imgs>_<steps>]``
 (e.g. ``ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt``); any other name is the condition itself.
 A ``.safetensors`` file written by the pack's trainer also records its steps and dataset size in its metadata.
+A released file is looked up in the catalogue: what it was trained on, its recommended strength, and which node
+makes the condition image it expects; any other file shows what its own metadata says.
 """
 import os
 import re
 
 import safetensors
+
+from . import catalogue
 
 OFFICIAL_NAME = re.compile(
     r"^ctrlora_sd\d+_(?P<base>[^_]+)_(?P<condition>.+?)(?:_rank(?P<rank>\d+))?"
@@ -53,4 +57,22 @@ def describe_lora(path, rank, num_keys):
             f" on {metadata['dataset_size']} pairs" if metadata.get("dataset_size") else "")
     if trained:
         info["trained"] = trained
+    released = catalogue.released_file(path)
+    if released:
+        info["released"] = (f"released {released['set']}-condition LoRA, {released['training']}; "
+                            f"recommended strength {released['strength']}")
+    elif metadata:
+        info["metadata"] = _shown_metadata(metadata)
+    expects = catalogue.how_to_make(metadata.get("condition") or parsed["condition"])
+    if expects:
+        info["expects"] = expects
     return info
+
+
+SHOWN_METADATA = ("condition", "preprocessor", "base", "resolution", "prompt_template", "trainer")
+
+
+def _shown_metadata(metadata, longest=120):
+    """The metadata entries a user can act on (short values only), for files the catalogue does not know."""
+    keys = [k for k in SHOWN_METADATA if k in metadata] or sorted(metadata)[:6]
+    return {k: str(metadata[k]) for k in keys if len(str(metadata[k])) <= longest}

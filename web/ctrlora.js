@@ -1,7 +1,7 @@
 // CtrLoRA in the ComfyUI page: what a loaded LoRA file is, the training loss curve, and inline messages.
 //
-// * Load CtrLoRA: once it has run, the node shows the file's condition, rank, key count and size
-//   (its UI output "ctrlora_lora").
+// * Load CtrLoRA: once it has run, the node shows the file's condition, rank, key count and size, and for a
+//   released file what it was trained on and which node makes its condition image (its UI output "ctrlora_lora").
 // * Training: the loss curve and step counter are drawn on the training node from the
 //   "ctrlora.train.progress" events the node sends while it runs; its report stays on it afterwards.
 // * Messages on the node itself: an error raised by one of the pack's nodes, and a model file the
@@ -138,6 +138,9 @@ export function describeLora(info) {
   parts.push(`${info.condition || "unknown condition"} · rank ${info.rank}`);
   parts.push(`${info.keys} keys · ${formatBytes(info.size_bytes)}`);
   if (info.trained) parts.push(`trained on ${info.trained}`);
+  if (info.released) parts.push(info.released);
+  for (const [key, value] of Object.entries(info.metadata ?? {})) parts.push(`${key}: ${value}`);
+  if (info.expects) parts.push(`Condition image: ${info.expects}`);
   return parts.join("\n");
 }
 
