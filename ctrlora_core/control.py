@@ -49,15 +49,18 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if self.timestep_range is not None and not (self.timestep_range[1] <= t[0] <= self.timestep_range[0]):
             return control_prev
-        hint = self.hint_for(x_noisy, batched_number)
+        control = self.run_condition(x_noisy, t, cond, self.hint_for(x_noisy, batched_number))
+        return self.control_merge(control, control_prev, output_dtype=None)
+
+    def run_condition(self, x_noisy, t, cond, hint):
+        """The condition's raw outputs at this step (CtrLoRA-XL's also takes the noisy latent and SDXL's y)."""
         dtype = self.condition.base.compute_dtype
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(x_noisy.device, dtype)
         timesteps = self.model_sampling.timestep(t).to(dtype)
-        control = self.condition(hint, timesteps, context)
-        return self.control_merge(control, control_prev, output_dtype=None)
+        return self.condition(hint, timesteps, context)
 
     def copy(self):
-        c = CtrLoRAControl(self.condition)
+        c = type(self)(self.condition)
         self.copy_to(c)
         return c
 

@@ -192,36 +192,36 @@ def test_load_ctrlora_lists_the_base_files_embedded_conditions(xl_files):
     assert info["keys"] == 72  # lora_A and lora_B of 36 projections
 
 
+class RecordingCondition(core.xl.lora.XLCondition):
+    """The loaded condition, keeping the y of every call."""
+
+    def __init__(self, condition):
+        super().__init__(condition.base, condition.adapter, condition.name)
+        self.seen = []
+
+    def __call__(self, x, hint, timesteps, context, y):
+        self.seen.append(y.clone())
+        return super().__call__(x, hint, timesteps, context, y)
+
+
 def test_sampling_takes_y_from_the_sdxl_model(xl_files):
-    """A real sampling step: the control gets the noisy latent and the y that ComfyUI's SDXL model builds from
-    pooled text and sizes; different sizes give a different control, as in the port."""
+    """A real sampling step: the control gets the y that ComfyUI's SDXL model builds from pooled text and sizes
+    (the port's add_embeds layout), and the sizes change the result."""
     (base,) = nodes.LoadBaseControlNet().load("base.safetensors")
-    condition = load_lora(base, "base.safetensors:canny")
+    condition = RecordingCondition(load_lora(base, "base.safetensors:canny"))
     model = tiny_xl_model()
-    seen = []
-    original = condition.__class__.__call__
-
-    def recording(self, x, hint, timesteps, context, y):
-        seen.append(y.clone())
-        return original(self, x, hint, timesteps, context, y)
-
+    pooled = INPUTS["text_embeds"][:1]
     results = []
     for size in (1024, 512):
-        pooled = INPUTS["text_embeds"][:1]
         positive = [[INPUTS["encoder_hidden_states"][:1], {"pooled_output": pooled, "width": size, "height": size}]]
         negative = [[torch.zeros(1, 8, 64), {"pooled_output": torch.zeros_like(pooled), "width": size, "height": size}]]
         positive, negative = apply(positive, negative, condition, INPUTS["hint1"][:1] / LATENT_SCALE)
         noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        condition.__class__.__call__ = recording
-        try:
-            results.append(comfy.sample.sample(model, noise, 1, 5.0, "euler", "normal", positive, negative,
-                                               torch.zeros(1, 4, 16, 16), seed=0))
-        finally:
-            condition.__class__.__call__ = original
-    assert seen and all(y.shape[-1] == 80 for y in seen)
-    expected_y = torch.cat([INPUTS["text_embeds"][:1], Timestep(TIME_ID_DIM)(torch.tensor(
-        [1024.0, 1024, 0, 0, 1024, 1024])).reshape(1, -1)], dim=1)
-    assert any(torch.allclose(y, expected_y, atol=1e-6) for y in seen[0].split(1))
+        results.append(comfy.sample.sample(model, noise, 1, 5.0, "euler", "normal", positive, negative,
+                                           torch.zeros(1, 4, 16, 16), seed=0))
+    sizes = torch.tensor([1024.0, 1024, 0, 0, 1024, 1024])
+    expected_y = torch.cat([pooled, Timestep(TIME_ID_DIM)(sizes).reshape(1, -1)], dim=1)
+    assert any(torch.allclose(y, expected_y, atol=1e-6) for y in condition.seen[0].split(1))
     assert torch.isfinite(results[0]).all() and not torch.equal(results[0], results[1])
 
 

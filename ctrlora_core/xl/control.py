@@ -15,28 +15,17 @@ class XLControl(CtrLoRAControl):
         check_sampled_model(model, self.condition)
         super().pre_run(model, percent_to_timestep_function)
 
-    def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        if self.timestep_range is not None and not (self.timestep_range[1] <= t[0] <= self.timestep_range[0]):
-            return control_prev
-        hint = self.hint_for(x_noisy, batched_number)
-        dtype = self.condition.base.compute_dtype
+    def run_condition(self, x_noisy, t, cond, hint):
         if cond.get("y") is None:
             raise CtrLoRAError(f"Apply CtrLoRA ({self.condition.name}): the sampled model gave no SDXL 'y' "
                                "(pooled text and size conditions); a CtrLoRA-XL condition needs an SDXL checkpoint.")
+        dtype = self.condition.base.compute_dtype
         y = comfy.model_base.convert_tensor(cond["y"], dtype, x_noisy.device)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(x_noisy.device, dtype)
+        # As ComfyUI's ControlNet: the model input the UNet gets at this step, not the raw noisy latent.
         x = self.model_sampling.calculate_input(t, x_noisy).to(dtype)
         timesteps = self.model_sampling.timestep(t).to(dtype)
-        control = self.condition(x, hint, timesteps, context, y)
-        return self.control_merge(control, control_prev, output_dtype=None)
-
-    def copy(self):
-        c = XLControl(self.condition)
-        self.copy_to(c)
-        return c
+        return self.condition(x, hint, timesteps, context, y)
 
 
 def check_sampled_model(model, condition):
