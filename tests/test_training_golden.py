@@ -23,14 +23,6 @@ ZERO_GRADIENT = TOLERANCES["zero_gradient_tensors"]["names"]
 UNET_PREFIX = "model.diffusion_model."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def golden_model():
     """The official tiny UNet as a ComfyUI MODEL (SD1.5 schedule; the manifest's layout is tiny.TINY_UNET's)."""
     model = tiny_model()
