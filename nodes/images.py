@@ -1,8 +1,8 @@
 """Load Condition Image (as trained): ComfyUI's Load Image, decoding the file as training does.
 
-ComfyUI's Load Image clips 16-bit PNGs (a 16-bit ramp comes out almost all white), reads float TIFFs clipped and
-converts CMYK with Pillow's formula; training decodes every mode as the official loader (OpenCV) does. This node
-reads from the same input folder, with the same upload widget, through the training decoder.
+ComfyUI's Load Image clips 16-bit grayscale PNG/TIFF (a 16-bit ramp comes out 99.6% white) and 32-bit TIFFs, and
+converts CMYK with Pillow's formula; training decodes every mode as the official loader (OpenCV) does. This node is
+Load Image (same input folder, upload widget and MASK) with the training decoder.
 """
 import nodes as comfy_nodes
 import folder_paths

@@ -16,9 +16,10 @@ from PIL import Image
 import folder_paths
 import nodes as comfy_nodes
 
+import tiny
+from test_server import server  # noqa: F401 (the real ComfyUI server, a fixture)
 from tiny import DATA
 from training_helpers import SIZE, prompt_encoder, training, write_pairs
-import tiny
 
 images = importlib.import_module(f"{training.__name__}.images")
 image_nodes = importlib.import_module(f"{training.__name__.rsplit('.', 1)[0]}.nodes.images")
@@ -127,3 +128,22 @@ def test_load_condition_image_is_registered():
     from conftest import pack
     assert pack.NODE_CLASS_MAPPINGS["CtrLoRALoadConditionImage"] is image_nodes.LoadConditionImage
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["CtrLoRALoadConditionImage"] == "Load Condition Image (as trained)"
+
+
+def test_load_condition_image_in_the_real_server(server):
+    """Through ComfyUI's server: listed with Load Image's upload widget, and a 16-bit condition image saved by Save
+    Image is the image training sees."""
+    spec = server.object_info["CtrLoRALoadConditionImage"]
+    assert spec["display_name"] == "Load Condition Image (as trained)"
+    assert spec["input"]["required"]["image"][1].get("image_upload") is True
+    input_folder = server.root / "base" / "input"
+    input_folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(MODES, "gray16.png"), input_folder / "gray16.png")
+    entry = server.run({
+        "1": {"class_type": "CtrLoRALoadConditionImage", "inputs": {"image": "gray16.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "condition"}},
+    })
+    assert entry["status"]["status_str"] == "success", server.explain(str(entry["status"]))
+    (saved,) = entry["outputs"]["2"]["images"]
+    with Image.open(server.output_dir / saved["subfolder"] / saved["filename"]) as image:
+        np.testing.assert_array_equal(np.asarray(image), OPENCV["gray16.png"])
