@@ -53,7 +53,10 @@ class ConditionAdapter(torch.nn.Module):
         self.tensors = torch.nn.ParameterList(torch.nn.Parameter(t, requires_grad=False) for t in tensors.values())
 
     def bindings(self, device, dtype):
-        return {n: t.to(device=device, dtype=dtype) for n, t in zip(self.names, self.tensors)}
+        """The tensors to bind, on ``device``. Frozen ones in ``dtype`` (the base's); trained ones (requires_grad) as
+        they are, fp32 masters that autocast casts per op, so small updates are never rounded to the base's dtype."""
+        return {n: t.to(device=device, dtype=t.dtype if t.requires_grad else dtype)
+                for n, t in zip(self.names, self.tensors)}
 
     def file_tensors(self):
         """The tensors under their official key names (without ``control_model.``)."""

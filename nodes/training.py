@@ -1,9 +1,17 @@
 """The 'Train CtrLoRA' node: a schema over ``training`` (datasets, the loop, resumable state)."""
+import torch
+
+import comfy.samplers
 import folder_paths
+import nodes as comfy_nodes
 
 from ..training import ComfyReporter, TrainConfig, Trainer, clip_prompt_encoder, paths
 from ..training.dataset import PROMPT_FILE
 from ..training.loop import RANK_RANGE, RESOLUTION_RANGE
+from ..training.precision import PRECISIONS
+from ..training.previews import PreviewSettings
+from ..training.schedule import SCHEDULES
+from ..training.validation import MAX_PAIRS as MAX_HELD_OUT
 from . import model_folders
 
 CATEGORY = "conditioning/ctrlora"
@@ -60,36 +68,76 @@ class TrainCtrLoRA:
                                                        "tooltip": "Less GPU memory, about a third slower."}),
             },
             "optional": {
+                "precision": (["auto", *PRECISIONS], {"default": "auto", "tooltip": (
+                    "auto: compute in the dtype ComfyUI loaded the models in (fp16 on most GPUs and Macs, with loss "
+                    "scaling; fp32 on CPU), bf16 on GPUs when they are fp32. The trained weights always stay fp32.")}),
+                "validation_fraction": ("FLOAT", {"default": TrainConfig.validation_fraction, "min": 0.0, "max": 0.5,
+                                                  "step": 0.01, "tooltip": (
+                    f"Pairs held out of training (at least 1, at most {MAX_HELD_OUT}); their loss at fixed noise is "
+                    "the second curve on the chart. 0: none.")}),
+                "validate_every": ("INT", {"default": TrainConfig.validate_every, "min": 0, "max": 1_000_000,
+                                           "tooltip": "Steps between held-out losses (0: never)."}),
+                "preview_every": ("INT", {"default": 250, "min": 0, "max": 1_000_000, "tooltip": (
+                    "Steps between preview images sampled with the current LoRA (shown on the node, saved in the run "
+                    "folder; a grid of all of them at the end). 0: none.")}),
+                "preview_image": ("IMAGE", {"tooltip": (
+                    "Optional condition image(s) for the previews (empty prompt); default: held-out pairs.")}),
+                "preview_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim"}),
+                "preview_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
+                "preview_steps": ("INT", {"default": 10, "min": 1, "max": 100}),
+                "preview_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5}),
+                "keep_snapshots": ("INT", {"default": TrainConfig.keep_snapshots, "min": 0, "max": 1000, "tooltip": (
+                    "Intermediate LoRA files kept in the run folder (the newest); the resumable state is always "
+                    "kept until the run finishes.")}),
+                "lr_schedule": (list(SCHEDULES), {"default": "constant", "tooltip": (
+                    "constant: the official recipe. cosine: decays to 0 at the last step.")}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                                         "tooltip": "Linear learning-rate warm-up (official: 0)."}),
                 "file_name_pattern": ("STRING", {"default": "", "tooltip": (
                     "Optional: names the file-name parts for the template, e.g. {jaw}_{view}_{index}.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("CTRLORA", "STRING")
-    RETURN_NAMES = ("condition", "report")
+    RETURN_TYPES = ("CTRLORA", "STRING", "IMAGE")
+    RETURN_NAMES = ("condition", "report", "preview_grid")
     OUTPUT_NODE = True
     FUNCTION = "train"
     CATEGORY = CATEGORY
 
     def train(self, model, clip, vae, base, dataset_folder, prompt_template, output_name, rank, steps, batch_size,
               grad_accumulation, learning_rate, prompt_dropout, resolution, seed, save_every, resume, start_from,
-              gradient_checkpointing, file_name_pattern="", unique_id=None):
+              gradient_checkpointing, file_name_pattern="", precision="auto",
+              validation_fraction=TrainConfig.validation_fraction, validate_every=TrainConfig.validate_every,
+              preview_every=250, preview_image=None, preview_sampler="ddim", preview_scheduler="normal",
+              preview_steps=10, preview_cfg=7.5, keep_snapshots=TrainConfig.keep_snapshots, lr_schedule="constant",
+              warmup_steps=0, unique_id=None):
         config = TrainConfig(
             rank=rank, steps=steps, batch_size=batch_size, grad_accum=grad_accumulation, lr=learning_rate,
             prompt_dropout=prompt_dropout, resolution=resolution, seed=seed, save_every=save_every,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, precision=precision,
+            validation_fraction=validation_fraction, validate_every=validate_every, keep_snapshots=keep_snapshots,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         )
+        previews = PreviewSettings(every=preview_every, sampler=preview_sampler, scheduler=preview_scheduler,
+                                   steps=preview_steps, cfg=preview_cfg, seed=seed)
         start = None if start_from == NO_START else \
             model_folders.resolve(start_from, [model_folders.FOLDER], "Train CtrLoRA")
         trainer = Trainer(
             model, base, vae, clip_prompt_encoder(clip), paths.dataset_folder(dataset_folder),
             folder_paths.get_folder_paths(model_folders.FOLDER)[0], output_name, config,
             template=prompt_template, name_pattern=file_name_pattern, start_from=start, resume=resume,
-            reporter=ComfyReporter(node_id=unique_id, output=output_name),
+            reporter=ComfyReporter(node_id=unique_id, output=output_name), previews=previews,
+            preview_image=preview_image,
         )
         result = trainer.run()
-        return {"ui": {"text": [result.report]}, "result": (result.condition, result.report)}
+        ui = {"text": [result.report]}
+        grid = result.preview_grid
+        if grid is not None:
+            ui.update(comfy_nodes.PreviewImage().save_images(grid, filename_prefix=f"ctrlora_{output_name}_previews")["ui"])
+        else:
+            grid = torch.zeros(1, 64, 64, 3)  # an IMAGE output must be an image
+        return {"ui": ui, "result": (result.condition, result.report, grid)}
 
 
 NODE_CLASS_MAPPINGS = {"CtrLoRATrain": TrainCtrLoRA}

@@ -125,7 +125,9 @@ def test_saved_file_is_official_and_loads_through_load_ctrlora(golden_files, dat
     with safetensors.safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     assert metadata["rank"] == "4" and metadata["base"] == "base.ckpt" and metadata["steps"] == "3"
-    assert metadata["dataset_size"] == "8" and metadata["prompt_template"] == "a {kind} pattern"
+    # One of the 8 pairs is held out for the validation loss (the default fraction, at least one pair).
+    assert metadata["dataset_size"] == "7" and metadata["validation_pairs"] == "1"
+    assert metadata["prompt_template"] == "a {kind} pattern"
     assert not os.path.exists(golden_files / "pattern.train" / "state.json")  # a finished run keeps no state
 
     (loaded_base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
@@ -224,8 +226,8 @@ def test_a_new_run_does_not_mix_with_files_of_an_earlier_one(dataset, out):
 
 def test_a_failing_run_never_reports_success_and_keeps_its_state(dataset, out):
     class Failing(training.ComfyReporter):
-        def step(self, step, total, loss):
-            super().step(step, total, loss)
+        def step(self, step, total, loss, **kwargs):
+            super().step(step, total, loss, **kwargs)
             if step == 3:
                 raise RuntimeError("device lost")
 
@@ -284,7 +286,7 @@ def test_fp16_with_loss_scaling_resumes_with_its_scaler(dataset, out):
     with pytest.raises(Interrupted):
         trainer(model, base, vae, dataset, out, "cond", config=cfg, reporter=CancelAt(4)).run()
     saved = json.load(open(out / "cond.train" / "state.json"))
-    assert saved["step"] == 2 and saved["scaler"]["scale"] > 1
+    assert saved["step"] == 2 and saved["updater"]["scaler"]["scale"] > 1
     resumed = trainer(model, base, vae, dataset, out, "cond", config=cfg).run()
     expected, actual = adapter_tensors(full.path), adapter_tensors(resumed.path)
     for key in expected:
@@ -333,8 +335,11 @@ def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, input_
         (base,) = pack.nodes.inference.LoadBaseControlNet().load("base.ckpt")
         output = node().train(model, clip, vae, base, input_dataset, "a {kind} pattern, {name}", "from_node", 4, 3, 2, 1,
                               1e-3, 0.3, SIZE, 0, 0, True, pack.nodes.training.NO_START, False, unique_id="3")
-        condition, report = output["result"]
-        assert "Saved" in report and "8 pairs used" in report
+        condition, report, grid = output["result"]
+        assert "Saved" in report and "8 pairs used" in report and "Held-out loss (1 pairs)" in report
+        # The default preview (at the last step) of the held-out pair: condition | target | preview at step 3.
+        assert grid.shape == (1, SIZE, 3 * SIZE, 3) and output["ui"]["images"][0]["type"] == "temp"
+        assert (golden_files / "from_node.train" / "previews" / "step000003.png").exists()
         assert (golden_files / "from_node.safetensors").exists()
         positive, _ = apply(*[[[torch.randn(1, 77, tiny.CONTEXT_DIM), {}]]] * 2, condition, torch.randn(1, 4, 8, 8))
         outputs = control_outputs(positive, model, sigmas_for(model, torch.tensor([10.0])), positive[0][0])
@@ -347,8 +352,8 @@ def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files
     step = training.ComfyReporter.step
     pressed = []
 
-    def cancel_after_step_2(self, number, total, loss):
-        step(self, number, total, loss)
+    def cancel_after_step_2(self, number, total, loss, **kwargs):
+        step(self, number, total, loss, **kwargs)
         if number == 2 and not pressed:
             pressed.append(number)
             comfy.model_management.interrupt_current_processing(True)
@@ -363,5 +368,5 @@ def test_node_cancel_then_queue_again_resumes_inside_inference_mode(golden_files
             node().train(*inputs)
         assert json.load(open(golden_files / "resumed.train" / "state.json"))["step"] == 2
         assert not (golden_files / "resumed.safetensors").exists()
-        _, report = node().train(*inputs)["result"]
+        _, report, _ = node().train(*inputs)["result"]
     assert "resumed at step 2" in report and (golden_files / "resumed.safetensors").exists()

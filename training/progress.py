@@ -1,18 +1,31 @@
 """What a run shows in ComfyUI: the node's progress bar, the loss as text and as a custom event, and cancel.
 
 Events: ``ctrlora.train.progress`` (``server.PromptServer.instance.send_sync``) with ``{"node", "prompt_id", "output",
-"phase", "status", "step", "total", "loss", "losses": [[step, loss], ...], "steps_per_s"}``. ``losses`` holds the points
-since the previous event (events are sent at most every ``min_interval`` seconds, and always for the last step),
-so a client that concatenates them has the whole curve. Without a running server nothing is sent.
+"phase", "status", "step", "total", "loss", "losses": [[step, loss], ...], "val_losses": [[step, loss], ...],
+"skipped_steps", "steps_per_s", "message"}``. ``losses`` and ``val_losses`` hold the points since the previous event
+(events are sent at most every ``min_interval`` seconds, and always for the last step), so a client that
+concatenates them has the whole curves; a non-finite loss is sent as null (JSON has no NaN) for the chart to mark.
+``status``: running, done, cancelled, error, or reused (the output existed from the same run and was loaded).
+Previews go through the node's progress bar (ComfyUI shows them on the node). Without a running server nothing is
+sent.
 """
 import logging
+import math
 import sys
 import time
+
+import numpy as np
+from PIL import Image
 
 import comfy.model_management
 import comfy.utils
 
 EVENT = "ctrlora.train.progress"
+PREVIEW_MAX_SIZE = 512
+
+
+def _json_number(value):
+    return value if math.isfinite(value) else None
 
 
 def _executing():
@@ -39,6 +52,7 @@ class ComfyReporter:
         self.log_every_s = log_every_s
         self.bar = None
         self.pending = []
+        self.pending_validation = []
         self.last_sent = 0.0
         self.last_logged = 0.0
         self.started = None
@@ -48,10 +62,10 @@ class ComfyReporter:
     def check_cancel(self):
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def _progress(self, value, total):
+    def _progress(self, value, total, preview=None):
         if self.bar is None or self.bar.total != total:
             self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
-        self.bar.update_absolute(value, total)
+        self.bar.update_absolute(value, total, preview)
 
     def _send(self, data):
         server = _prompt_server()
@@ -84,24 +98,35 @@ class ComfyReporter:
         self._progress(step, total)
         self._send({"phase": "train", "status": "running", "step": step, "total": total, "losses": []})
 
-    def step(self, step, total, loss):
+    def step(self, step, total, loss, validation=None, skipped=0):
+        """A finished step (or, with a non-finite ``loss``, the step that failed)."""
         now = time.monotonic()
-        self.pending.append([step, loss])
+        self.pending.append([step, _json_number(loss)])
+        if validation is not None:
+            self.pending_validation.append([step, _json_number(validation)])
         self._progress(step, total)
         speed = (step - self.start_step) / max(now - self.started, 1e-9)
-        if now - self.last_sent >= self.min_interval or step == total:
-            self._send({"phase": "train", "status": "running", "step": step, "total": total, "loss": loss,
-                        "losses": self.pending, "steps_per_s": speed})
-            self._text(f"step {step}/{total}  loss {loss:.4f}  {speed:.2f} steps/s")
-            self.pending = []
+        failed = not math.isfinite(loss)
+        if failed or now - self.last_sent >= self.min_interval or step == total or validation is not None:
+            self._send({"phase": "train", "status": "running", "step": step, "total": total,
+                        "loss": _json_number(loss), "losses": self.pending, "val_losses": self.pending_validation,
+                        "skipped_steps": skipped, "steps_per_s": speed})
+            shown = f"step {step}/{total}  loss {loss:.4f}" + (f"  held-out {validation:.4f}" if validation is not None else "")
+            self._text(shown + f"  {speed:.2f} steps/s" + (f"  {skipped} skipped" if skipped else ""))
+            self.pending, self.pending_validation = [], []
             self.last_sent = now
         if now - self.last_logged >= self.log_every_s or step == total:
             logging.info("Train CtrLoRA %s: step %d/%d, loss %.5f, %.2f steps/s", self.output, step, total, loss, speed)
             self.last_logged = now
 
+    def preview(self, step, total, image):
+        """Shows ``image`` ([H, W, 3] in [0, 1]) on the node, as ComfyUI shows a sampler's previews."""
+        picture = Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        self._progress(step, total, ("PNG", picture, PREVIEW_MAX_SIZE))
+
     def finished(self, status, step, total, message=""):
-        """``status``: done, cancelled or error."""
+        """``status``: done, cancelled, error or reused."""
         self._send({"phase": "train", "status": status, "step": step, "total": total, "losses": self.pending,
-                    "message": message})
-        self.pending = []
+                    "val_losses": self.pending_validation, "message": message})
+        self.pending, self.pending_validation = [], []
         self._text(f"{status} at step {step}/{total}" + (f": {message}" if message else ""))

@@ -13,6 +13,7 @@
 """
 import glob
 import json
+import math
 import os
 import re
 
@@ -27,7 +28,9 @@ STATE_VERSION = 1
 LORA_EXTENSION = ".safetensors"
 # Settings that define the run: a resume with other values would not continue the same run.
 RUN_DEFINING = ("rank", "batch_size", "grad_accum", "lr", "prompt_dropout", "resolution", "base", "start_from",
-                "weight_decay", "precision")
+                "weight_decay", "precision", "lr_schedule", "warmup_steps", "schedule_steps", "validation_fraction")
+# Settings that only change what a run shows or keeps, not the weights it ends with.
+NOT_WEIGHT_DEFINING = ("save_every", "keep_snapshots", "validate_every", "gradient_checkpointing")
 
 
 # Characters that leave the folder, or that exFAT, FAT32, SMB or Windows refuse in a file name.
@@ -104,8 +107,9 @@ def write_state(run_folder, step, tensors, document):
             os.unlink(old)
 
 
-def save_state(run_folder, step, config, adapter, optimizer, rng, scaler=None, losses=(), extra=None):
-    """Writes the resumable state of a run at a step boundary (atomic, see the module doc)."""
+def save_state(run_folder, step, config, adapter, optimizer, rng, updater=None, losses=(), extra=None):
+    """Writes the resumable state of a run at a step boundary (atomic, see the module doc). ``updater``: the
+    ``precision.Updater`` state (loss scaler, skipped steps)."""
     tensors = {f"adapter.{n}": t.detach().to("cpu", torch.float32).contiguous()
                for n, t in zip(adapter.names, adapter.tensors)}
     optimizer_tensors, optimizer_document = optimizer_entries(optimizer)
@@ -115,7 +119,7 @@ def save_state(run_folder, step, config, adapter, optimizer, rng, scaler=None, l
     write_state(run_folder, step, tensors, {
         "config": config, "rank": adapter.rank, "names": list(adapter.names), "optimizer": optimizer_document,
         "rng": {"cursor": rng["cursor"], "epoch": rng["epoch"]},
-        "scaler": _to_json(scaler.state_dict()) if scaler is not None else None,
+        "updater": _to_json(updater or {}),
         "losses": [list(x) for x in losses], **(extra or {}),
     })
 
@@ -188,3 +192,64 @@ def remove_state(run_folder):
     for path in glob.glob(os.path.join(run_folder, "state-*.tensors")) + [os.path.join(run_folder, "state.json")]:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def prune_snapshots(run_folder, count, keep=None):
+    """Removes all but the newest ``count`` intermediate LoRA files (never ``keep``, the one just written)."""
+    found = snapshots(run_folder)
+    excess = [p for p in found if p != keep][:max(0, len(found) - count)]
+    for path in excess:
+        os.unlink(path)
+
+
+def disk_usage(folder):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def to_json_text(value):
+    """A value as JSON text for a safetensors metadata field (non-finite numbers as null)."""
+    return json.dumps(_finite(_to_json(value)))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def from_json_text(text):
+    try:
+        return json.loads(text) if text else []
+    except ValueError:
+        return []
+
+
+def reuse_output(path, run_config, fingerprint, label="Train CtrLoRA"):
+    """Whether an existing output is this very run, finished: returns its metadata when its settings, base and
+    dataset match ``run_config`` and ``fingerprint``; otherwise says what differs (the file is never replaced)."""
+    name = os.path.basename(path)
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CtrLoRAError(f"{label}: {name} already exists in {os.path.dirname(path)} and cannot be read ({e}); "
+                           "choose another output name (existing files are never overwritten).") from e
+    saved = from_json_text(metadata.get("train_config"))
+    if not isinstance(saved, dict) or not saved:
+        raise CtrLoRAError(f"{label}: {name} already exists in {os.path.dirname(path)} and was not written by Train "
+                           "CtrLoRA; choose another output name (existing files are never overwritten).")
+    now = json.loads(to_json_text(run_config))
+    different = [f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                 if k not in NOT_WEIGHT_DEFINING and saved.get(k) != now.get(k)]
+    if metadata.get("dataset_fingerprint") != fingerprint:
+        different.append("dataset: other files, prompts or resolution")
+    if different:
+        raise CtrLoRAError(
+            f"{label}: {name} already exists from a run with other settings ({'; '.join(different)}). Choose a new "
+            f"output_name to train again (start_from={name} continues from its weights), or set the settings back "
+            "to load it without training.")
+    return metadata
