@@ -68,11 +68,12 @@ def decode(path):
         # Read from the file's own headers before exif_transpose makes a plain copy.
         cmyk_inverted = image.mode == "CMYK" and any(t.args and t.args[0] == "CMYK;I" for t in image.tile)
         signed = getattr(image, "tag_v2", {}).get(_TIFF_SAMPLE_FORMAT) in (_SIGNED, (_SIGNED,))
+        tiff = image.format == "TIFF"
         image = ImageOps.exif_transpose(image)
         mode = image.mode
         if mode == "CMYK":
             rgb = _cmyk(image, cmyk_inverted)
-        elif mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
+        elif mode.startswith("I;16") or (mode == "I" and not tiff):  # 16-bit samples (older Pillow: PNG as "I")
             rgb = _high_byte(image)
         elif mode in ("I", "F"):
             rgb = _gray_32bit(image, signed)
