@@ -55,19 +55,6 @@ def test_32_bit_tiffs_are_scaled_from_their_full_range(name):
     np.testing.assert_array_equal(decoded, np.repeat(LEVELS[..., None], 3, 2))
 
 
-def test_orientation_alpha_and_palette_transparency_follow_opencv():
-    """The facts the decoder relies on, read off OpenCV's arrays: EXIF rotation applied, alpha and palette
-    transparency dropped (the colour under a transparent pixel is kept), gray repeated into RGB."""
-    assert OPENCV["exif6.jpg"].shape == (20, 12, 3) and OPENCV["exif1.jpg"].shape == (12, 20, 3)
-    rgba = np.asarray(Image.open(os.path.join(MODES, "rgba8.png")))
-    np.testing.assert_array_equal(OPENCV["rgba8.png"], rgba[..., :3])
-    palette = np.asarray(Image.open(os.path.join(MODES, "palette_transparent.png")).convert("RGBA"))
-    assert (palette[..., 3] < 255).any()
-    np.testing.assert_array_equal(OPENCV["palette_transparent.png"], palette[..., :3])
-    gray = OPENCV["gray8.png"]
-    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-
-
 def test_a_dataset_of_16_bit_float_and_cmyk_sources_trains_on_the_opencv_images(tmp_path):
     """Sources in other modes go through the dataset path; a float image outside [0, 1] is skipped and counted
     with the reason, corrupt ones as before."""
@@ -122,12 +109,6 @@ def test_load_condition_image_gives_the_training_image_where_load_image_does_not
     # ComfyUI's Load Image clips the 16-bit ramp: all but the first few of 256 levels come out white.
     comfy_gray16, _ = comfy_nodes.LoadImage().load_image("gray16.png")
     assert (comfy_gray16 == 1).float().mean() > 0.99
-
-
-def test_load_condition_image_is_registered():
-    from conftest import pack
-    assert pack.NODE_CLASS_MAPPINGS["CtrLoRALoadConditionImage"] is image_nodes.LoadConditionImage
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS["CtrLoRALoadConditionImage"] == "Load Condition Image (as trained)"
 
 
 def test_load_condition_image_in_the_real_server(server):
