@@ -4,6 +4,7 @@ from ..ctrlora_core import (
     encode_xl_condition, list_embedded, load_base, load_condition, load_xl_condition,
 )
 from ..ctrlora_core.info import describe_lora
+from ..ctrlora_core.xl.info import describe_xl_condition
 from . import model_folders
 
 CATEGORY = "conditioning/ctrlora"
@@ -59,12 +60,10 @@ class LoadCtrLoRA:
             path, adapter = model_folders.resolve(lora_name, [model_folders.FOLDER], "Load CtrLoRA"), None
         if base.family == "xl":
             condition = load_xl_condition(base, path, adapter)
+            info = describe_xl_condition(path, condition, adapter)
         else:
             condition = load_condition(base, path)
-        info = describe_lora(path, condition.adapter.rank, len(condition.adapter.names))
-        if adapter:
-            info.update(file=lora_name, condition=adapter,
-                        size_bytes=sum(t.numel() * t.element_size() for t in condition.adapter.tensors))
+            info = describe_lora(path, condition.adapter.rank, len(condition.adapter.names))
         return {"ui": {"ctrlora_lora": [info]}, "result": (condition,)}
 
 

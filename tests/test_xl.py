@@ -4,6 +4,7 @@ The golden set ``tests/data/golden_xl_tiny`` (a copy of ctrlora_xl_tiny_public) 
 run by the port's model code: its base file with embedded adapters, two peft LoRA files (and one in the checkpoint
 form), inputs and the expected residuals for each condition alone and for a weighted two-condition mix.
 """
+import importlib
 import json
 import os
 import shutil
@@ -17,15 +18,18 @@ import comfy.model_base
 import comfy.model_patcher
 import comfy.ops
 import comfy.sample
+import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
+import sdxl_standins
 from conftest import pack
 from helpers import apply, load_lora
 from tiny import DATA, GOLDEN, fill_, tiny_model, tiny_vae
 
 core = pack.ctrlora_core
+xl_model = importlib.import_module(f"{core.__name__}.xl.model")
 nodes = pack.nodes.inference
 GOLDEN_XL = os.path.join(DATA, "golden_xl_tiny")
 MANIFEST = json.load(open(os.path.join(GOLDEN_XL, "manifest.json")))
@@ -190,6 +194,7 @@ def test_load_ctrlora_lists_the_base_files_embedded_conditions(xl_files):
     info = result["ui"]["ctrlora_lora"][0]
     assert info["file"] == "base.safetensors:depth" and info["condition"] == "depth" and info["rank"] == 4
     assert info["keys"] == 72  # lora_A and lora_B of 36 projections
+    assert info["expects"].startswith("depth: use ")
 
 
 class RecordingCondition(core.xl.lora.XLCondition):
@@ -239,12 +244,15 @@ def test_vae_condition_encode_sdxl_sees_minus_one_to_one():
 
 
 def test_full_size_xl_layout_loads_on_meta():
-    """The port's base and LoRA key layout at SDXL size (channels 320/640/1280, transformer depths 2 and 10,
-    context 2048, y 2816), built on the meta device, loads: 9 down residuals, 204 LoRA projections, ~1.25B
-    parameters."""
-    base_keys = sdxl_base_shapes()
+    """The port's base file layout at SDXL size (the port's from_unet of ComfyUI's SDXL UNet: channels
+    320/640/1280, transformer depths 2 and 10, context 2048, y 2816, one embedded rank-64 adapter), built on the
+    meta device, loads: 9 down residuals, q/k/v of 34 transformer blocks x 2 attentions = 204 LoRA projections,
+    ~1.25B parameters (the port's ControlNet); a rank-64 LoRA file of the adapter-only form fits."""
+    sdxl = {**sdxl_standins.VEGA_UNET, **comfy.supported_models.SDXL.unet_config, "transformer_depth_middle": 10,
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+    base_keys = sdxl_standins.ctrlora_xl_base_shapes(sdxl)
     tensors = {k: torch.empty(s, device="meta") for k, s in base_keys.items()}
-    model = core.xl.model.build_from_state_dict(core.xl.checkpoint.base_weights(tensors), torch.float16, "meta",
+    model = xl_model.build_from_state_dict(core.xl.checkpoint.base_weights(tensors), torch.float16, "meta",
                                                 comfy.ops.disable_weight_init, "ctrlora-xl-base.safetensors")
     assert len(model.zero_convs) == 9 and [z[0].out_channels for z in model.zero_convs] == [320] * 4 + [640] * 3 + [1280] * 2
     assert len(model.lora_modules) == 204
@@ -259,38 +267,6 @@ def test_full_size_xl_layout_loads_on_meta():
     pairs = core.xl.checkpoint.lora_pairs(lora)[None]
     adapter = core.xl.lora.adapter_from_pairs(pairs, 2.0, model, "lora.safetensors")
     assert adapter.rank == rank and len(adapter.names) == 408
-
-
-def sdxl_base_shapes():
-    """Diffusers ControlNet names and shapes at SDXL size, as the port's from_unet(SDXL UNet) saves them with one
-    embedded adapter: ComfyUI's SDXL UNet encoder (its own config) under diffusers names, plus the ControlNet's
-    conv_in_condition and 1x1 output convs, to_q/k/v as peft base_layer."""
-    import comfy.supported_models
-    config = dict(comfy.supported_models.SDXL.unet_config, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-                  transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
-    with torch.device("meta"):
-        unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(
-            image_size=32, in_channels=4, out_channels=4, num_head_channels=64, use_spatial_transformer=True,
-            num_classes="sequential", legacy=False, operations=comfy.ops.disable_weight_init, **config)
-    # (label_emb has two diffusers names: SDXL's is add_embedding)
-    to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(config).items() if "class_embedding" not in k}
-    shapes = {to_diffusers[k]: tuple(v.shape) for k, v in unet.state_dict().items() if k in to_diffusers
-              and to_diffusers[k].startswith(("down_blocks", "mid_block", "conv_in", "time_embedding", "add_embedding"))}
-    channels = [320] * 4 + [640] * 3 + [1280] * 2
-    for i, c in enumerate(channels):
-        shapes[f"controlnet_down_blocks.{i}.weight"], shapes[f"controlnet_down_blocks.{i}.bias"] = (c, c, 1, 1), (c,)
-    shapes["controlnet_mid_block.weight"], shapes["controlnet_mid_block.bias"] = (1280, 1280, 1, 1), (1280,)
-    shapes["conv_in_condition.weight"], shapes["conv_in_condition.bias"] = (320, 4, 3, 3), (320,)
-    out = {}
-    for key, shape in shapes.items():
-        module, _, attr = key.rpartition(".")
-        if module.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):
-            out[f"{module}.base_layer.{attr}"] = shape
-            out[f"{module}.lora_A.canny.weight"] = (64, shape[1])
-            out[f"{module}.lora_B.canny.weight"] = (shape[0], 64)
-        else:
-            out[key] = shape
-    return out
 
 
 # Bad input: files of the other family, the wrong checkpoint, the wrong latent.
