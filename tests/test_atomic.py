@@ -189,19 +189,24 @@ def test_a_state_write_that_fails_keeps_the_previous_state(tmp_path, monkeypatch
 
 
 def test_a_training_run_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
-    """The worst case (no links, no no-replace rename): final LoRA, snapshots and states are written whole, and the
-    finished file is never replaced by a second run."""
+    """The worst case (no links, no no-replace rename): the final LoRA and the snapshots are written whole, nothing
+    temporary is left, and an existing output is never replaced."""
     without_links(monkeypatch)
     without_no_replace_rename(monkeypatch)
     dataset, out = write_pairs(str(tmp_path / "data"), 4), tmp_path / "out"
     out.mkdir()
-    run = lambda: trainer(tiny.tiny_model(), golden_base(), tiny.tiny_vae(), dataset, out, "exfat",  # noqa: E731
-                          config=config(steps=2, save_every=1)).run()
-    result = run()
-    assert listing(out) == ["exfat.safetensors", "exfat.train"]
-    assert listing(out / "exfat.train") == ["exfat_step000001.safetensors", "exfat_step000002.safetensors"]
-    saved = (out / "exfat.safetensors").read_bytes()
-    assert set(safetensors.torch.load_file(result.path)) and len(saved) > 0
+    (out / "taken.safetensors").write_bytes(b"precious")
+
+    def run(name):
+        return trainer(tiny.tiny_model(), golden_base(), tiny.tiny_vae(), dataset, out, name,
+                       config=config(steps=2, save_every=1, validation_fraction=0.0)).run()
+
+    result = run("exfat")
+    assert listing(out) == ["exfat.safetensors", "exfat.train", "taken.safetensors"]
+    snapshots = listing(out / "exfat.train")
+    assert snapshots and all(n.startswith("exfat_step") and n.endswith(".safetensors") for n in snapshots)
+    for path in [result.path] + [str(out / "exfat.train" / n) for n in snapshots]:
+        assert safetensors.torch.load_file(path)
     with pytest.raises(CtrLoRAError, match="already exists"):
-        run()
-    assert (out / "exfat.safetensors").read_bytes() == saved
+        run("taken")
+    assert (out / "taken.safetensors").read_bytes() == b"precious"
