@@ -4,7 +4,8 @@
 #   scripts/run_comfyui.sh [COMFYUI_PATH] [extra ComfyUI args...]
 #
 # No COMFYUI_PATH (or a first argument starting with "-"): installs the local host if needed
-# (scripts/setup_host.sh, idempotent) and starts .comfyui/ with .venv/bin/python.
+# (scripts/setup_host.sh --no-system-packages, idempotent: Python packages into .venv/ only, never system
+# packages) and starts .comfyui/ with .venv/bin/python.
 # COMFYUI_PATH: an existing ComfyUI folder, started with $PYTHON (default: python, else python3).
 # Either way the pack is linked into that ComfyUI's custom_nodes/ (as ComfyUI-CtrLoRA) unless it is
 # already there, and --cpu is added when that Python sees no GPU (CUDA, MPS or XPU).
@@ -25,7 +26,7 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
     python=python3
   fi
 else
-  bash "$root/scripts/setup_host.sh"
+  bash "$root/scripts/setup_host.sh" --no-system-packages
   comfyui="$root/.comfyui"
   python="$root/.venv/bin/python"
 fi

