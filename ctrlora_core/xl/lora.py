@@ -4,6 +4,7 @@ The port's semantics (peft LoRA on to_q, to_k, to_v of self- and cross-attention
 ``y = W x + scale * B (A x)`` with ``scale = lora_alpha / r``. The scale is folded into the bound up matrix, so
 the condition runs through the same LoRA Linear and binding as SD1.5 (``lora.ConditionAdapter``).
 """
+import functools
 import os
 
 import torch
@@ -89,5 +90,11 @@ def load_xl_condition(base, path, adapter=None):
 
 def list_embedded(path):
     """``<file name>:<adapter>`` for each base-condition adapter a ``.safetensors`` base file embeds."""
-    keys = read_keys(path) or []
-    return [f"{os.path.basename(path)}:{a}" for a in embedded_adapters(keys)]
+    stat = os.stat(path)
+    return [f"{os.path.basename(path)}:{a}" for a in _embedded(path, stat.st_mtime_ns, stat.st_size)]
+
+
+@functools.lru_cache(maxsize=256)
+def _embedded(path, mtime_ns, size):
+    """Read once per file version: ComfyUI lists the choices on every page load."""
+    return embedded_adapters(read_keys(path) or [])
