@@ -40,10 +40,31 @@ def lora_operations(base_ops):
             weight, bias = comfy.ops.cast_bias_weight(self, x)
             return F.linear(x, torch.addmm(weight, up, down), bias)
 
+    class ConditionGroupNorm(base_ops.GroupNorm):
+        def forward(self, x):
+            if _trained_fp32(self, x):
+                return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+            return super().forward(x)
+
+    class ConditionLayerNorm(base_ops.LayerNorm):
+        def forward(self, x):
+            if _trained_fp32(self, x):
+                return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+            return super().forward(x)
+
     class Operations(base_ops):
         Linear = LoRALinear
+        GroupNorm = ConditionGroupNorm
+        LayerNorm = ConditionLayerNorm
 
     return Operations
+
+
+def _trained_fp32(norm, x):
+    """A condition's norm being trained (an fp32 master bound onto a half-precision base) computes in fp32, as
+    autocast runs norms on CUDA, on every device: in fp16 a weight near 1.0 could only move in steps of 2^-10."""
+    return norm.weight is not None and norm.weight.dtype == torch.float32 and x.dtype != torch.float32 \
+        and norm.weight.requires_grad
 
 
 class CtrLoRAControlNet(comfy.cldm.cldm.ControlNet):
