@@ -10,7 +10,8 @@ import comfy.ops
 
 from conftest import pack
 from helpers import apply, control_outputs, load_lora, nodes, sigmas_for, write_lora
-from tiny import TINY_UNET, conditioning, fill_, tiny_model
+from tiny import GOLDEN, TINY_UNET, conditioning, fill_, tiny_model, tiny_vae
+from training_helpers import config, golden_base, trainer, write_pairs, write_prompt_json
 
 core = pack.ctrlora_core
 Error = core.CtrLoRAError
@@ -144,7 +145,6 @@ def test_base_missing_shared_weights(folder):
 
 
 def test_condition_image_channels():
-    from tiny import tiny_vae
     vae = tiny_vae()
     encode = nodes.VAEConditionEncode().encode
     gray, rgba = torch.rand(1, 32, 32, 1), torch.rand(1, 32, 32, 4)
@@ -157,7 +157,6 @@ def test_condition_image_channels():
 
 
 def test_odd_image_size_is_cropped_like_vae_encode():
-    from tiny import tiny_vae
     vae = tiny_vae()
     odd = torch.rand(1, 33, 35, 3)
     latent = nodes.VAEConditionEncode().encode(odd, vae)[0]["samples"]
@@ -181,3 +180,112 @@ def test_mismatched_batches_of_latent_and_condition(folder):
     with pytest.raises(Error, match="Apply CtrLoRA \\(lora0.ckpt\\): the condition latent has a batch of 2 but the sampled latent has 3"):
         control_outputs(positive, model, sigmas_for(model, torch.tensor([500] * 3)), torch.zeros(3, 7, 32),
                         x=torch.zeros(3, 4, 16, 16))
+
+
+# --- Train CtrLoRA: bad datasets, settings, names and saved runs -------------------------------------------------------
+# Each is refused with its message; the models folder gets nothing, and the dataset and any earlier run keep every
+# byte (compared by content).
+
+def _tree(folder):
+    """Every file under ``folder`` (links not followed) with its bytes' digest."""
+    import hashlib
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            data = os.readlink(path).encode() if os.path.islink(path) else open(path, "rb").read()
+            found.append((os.path.relpath(path, folder), hashlib.sha1(data).hexdigest()))
+    return sorted(found)
+
+
+def _refused(tmp_path, dataset, match, name="cond", **kwargs):
+    """Runs a tiny Train CtrLoRA that must be refused; checks that nothing was written or lost."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    before = (_tree(out), _tree(dataset) if os.path.isdir(dataset) else None)
+    with pytest.raises(Error, match=match):
+        trainer(tiny_model(), golden_base(), tiny_vae(), dataset, out, name, **kwargs).run()
+    assert (_tree(out), _tree(dataset) if os.path.isdir(dataset) else None) == before
+
+
+def _pairs(path, count=3):
+    return write_pairs(str(path), count)
+
+
+def _prompt_json(path, lines):
+    os.makedirs(path, exist_ok=True)
+    write_prompt_json(path, lines)
+    return str(path)
+
+
+def _corrupt_targets(path):
+    _pairs(path, 2)
+    for name in os.listdir(path / "target"):
+        (path / "target" / name).write_bytes(b"not an image")
+    return str(path)
+
+
+def _unpaired(path):
+    _pairs(path, 2)
+    for name in os.listdir(path / "target"):
+        os.rename(path / "target" / name, path / "target" / ("other_" + name))
+    return str(path)
+
+
+BAD_DATASETS = {
+    "missing folder": (lambda p: str(p / "nope"), "the dataset folder .* does not exist"),
+    "not a dataset folder": (lambda p: (p.mkdir(), str(p))[1], "is not a dataset folder: it needs either prompt.json"),
+    "empty source/ and target/": (lambda p: ((p / "source").mkdir(parents=True), (p / "target").mkdir(), str(p))[2],
+                                  "no usable condition/target pairs"),
+    "no file has a partner": (_unpaired, "no usable condition/target pairs(.|\n)*without a partner"),
+    "prompt.json without a usable line": (lambda p: _prompt_json(p, ["not json", {"source": 3}]),
+                                          "no usable condition/target pairs(.|\n)*not a {source, target, prompt}"),
+    "prompt.json paths to missing files": (lambda p: _prompt_json(p, [{"source": "a.png", "target": "b.png"}]),
+                                           "no usable condition/target pairs(.|\n)*missing files"),
+    "only corrupt images": (_corrupt_targets, "no pair could be read(.|\n)*unreadable or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATASETS))
+def test_bad_datasets_are_refused_and_nothing_is_written(tmp_path, case):
+    make, match = BAD_DATASETS[case]
+    _refused(tmp_path, make(tmp_path / "data"), match)
+
+
+@pytest.mark.parametrize("template,pattern,match", [
+    ("a {broken template", "", "prompt template 'a {broken template' is not valid"),
+    ("a {0} template", "", r"'\{0\}' is not a field name"),
+    ("{jaw} {view}", "{jaw}_{index}", r"field\(s\) \{view\} are not in the file-name pattern"),
+    ("{jaw} teeth", "{jaw}_{view}_{index}", "no usable condition/target pairs(.|\n)*do not fit the prompt template"),
+])
+def test_bad_templates_are_refused_and_nothing_is_written(tmp_path, template, pattern, match):
+    _refused(tmp_path, _pairs(tmp_path / "data"), match, template=template, name_pattern=pattern)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"steps": 0}, r"steps must be at least 1 \(got 0\)"),
+    ({"batch_size": 0}, r"batch size must be at least 1 \(got 0\)"),
+    ({"grad_accum": 0}, r"gradient accumulation must be at least 1 \(got 0\)"),
+    ({"prompt_dropout": 1.5}, r"prompt dropout must be in \[0, 1\] \(got 1.5\)"),
+    ({"save_every": -1}, r"save_every must be 0 \(only at the end\) or more \(got -1\)"),
+    ({"lr": 2.0}, r"learning rate must be in \(0, 1\] \(got 2.0\)"),
+])
+def test_bad_settings_are_refused_and_nothing_is_written(tmp_path, overrides, match):
+    _refused(tmp_path, _pairs(tmp_path / "data"), match, config=config(**overrides))
+
+
+def test_a_start_from_file_that_is_not_a_condition_lora(tmp_path):
+    _refused(tmp_path, _pairs(tmp_path / "data"), "base.ckpt is a CtrLoRA base ControlNet, not a condition LoRA",
+             start_from=os.path.join(GOLDEN, "base.ckpt"))
+
+
+def test_a_start_from_file_of_another_rank(tmp_path):
+    _refused(tmp_path, _pairs(tmp_path / "data"), "start_from lora0.ckpt has rank .* but rank is set to 8",
+             start_from=os.path.join(GOLDEN, "lora0.ckpt"), config=config(rank=8))
+
+
+def test_a_damaged_saved_run_is_refused_and_kept(tmp_path):
+    run = tmp_path / "out" / "cond.train"
+    run.mkdir(parents=True)
+    (run / "state.json").write_text('{"version": 1, "step": 3, "tens')  # cut off mid-write by another tool
+    _refused(tmp_path, _pairs(tmp_path / "data"), "the saved run in .*cond.train cannot be read .*remove that folder")
