@@ -9,7 +9,7 @@ import comfy.ops
 
 from .checkpoint import is_per_condition_key, load_state_dict
 from .errors import CtrLoRAError
-from .model import build_from_state_dict, per_condition_tensor_names
+from .model import build_from_state_dict
 from .xl import checkpoint as xl_checkpoint
 
 FAMILY_NAMES = {"sd15": "an SD1.5 CtrLoRA", "xl": "a CtrLoRA-XL (SDXL)"}  # for messages
@@ -109,4 +109,5 @@ def base_from_tensors(tensors, name, dtype=None, build=build_from_state_dict, ba
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device)
     base_ops = comfy.ops.disable_weight_init if manual_cast_dtype is None else comfy.ops.manual_cast
     model = build(tensors, dtype, comfy.model_management.unet_offload_device(), base_ops, name)
-    return base_class(model, name, load_device, manual_cast_dtype)
+    absent = [k for k, _ in model.named_parameters() if is_per_condition_key(k) and k not in tensors]
+    return base_class(model, name, load_device, manual_cast_dtype, absent)

@@ -163,6 +163,7 @@ class Trainer:
         self.dataset_report = None
         self.fingerprint = None
         self.reused = None
+        self.prepared = False
         self.in_update = False
 
     # --- setup ------------------------------------------------------------------------------------------------------
@@ -427,6 +428,7 @@ class Trainer:
         runs the node under inference mode. When the output exists from this very run, loads it instead."""
         with torch.inference_mode(False), torch.enable_grad():
             self._prepare()
+        self.prepared = True
         return self
 
     def _prepare(self):
@@ -467,7 +469,8 @@ class Trainer:
 
     def run(self):
         try:
-            self.prepare()
+            if not self.prepared:
+                self.prepare()
             if self.reused is not None:
                 return self._reused_result()
             with torch.inference_mode(False), torch.enable_grad():
