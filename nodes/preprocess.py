@@ -12,8 +12,8 @@ RANDOM = -1  # a parameter at -1 is drawn from the seed as the official training
 RESOLUTION = ("INT", {"default": 512, "min": 0, "max": 2048, "step": 64, "tooltip":
                       "The official resize first: short side to this (sides rounded to multiples of 64), Lanczos "
                       "when enlarging, area when shrinking. The official LoRAs were trained at 512. 0 keeps the size."})
-SEED = ("INT", {"default": 0, "min": 0, "max": 2**32 - 1, "control_after_generate": "fixed", "tooltip":
-                "Seeds the official random draws (and any parameter set to -1), so the same seed gives the same image."})
+SEED = ("INT", {"default": 0, "min": 0, "max": 2**32 - 1, "control_after_generate": True, "tooltip":
+                "Seeds the official random draws (and any parameter set to -1): the same seed gives the same image."})
 
 
 def _percent(default, what):
@@ -38,10 +38,18 @@ class _Preprocessor:
 
 class Preprocess(_Preprocessor):
     DESCRIPTION = ("The official CtrLoRA preprocessors without parameters: palette (one colour per 64x64 block), "
-                   "grayscale, illusion (3-level blue-channel map), shuffle (random smooth warp), canny (OpenCV's, "
-                   "thresholds 100/200; needs opencv-python).")
-    METHODS = {"palette": core.palette, "grayscale": core.grayscale, "illusion": core.illusion,
-               "shuffle": core.shuffle, "canny": core.canny}
+                   "grayscale, illusion (3-level blue-channel map), shuffle (random smooth warp), hedsketch (from an "
+                   "HED map: random threshold, black lines on white), canny (OpenCV's, thresholds 100/200; needs "
+                   "opencv-python).")
+    # Each method gets a generator seeded afresh for every frame: a batch is processed with the same draws.
+    METHODS = {
+        "palette": lambda img, rng: core.palette(img),
+        "grayscale": lambda img, rng: core.grayscale(img),
+        "illusion": lambda img, rng: core.illusion(img),
+        "shuffle": core.shuffle,
+        "hedsketch": core.hedsketch,
+        "canny": lambda img, rng: core.canny(img),
+    }
 
     @classmethod
     def parameters(cls):
@@ -49,15 +57,8 @@ class Preprocess(_Preprocessor):
                 "seed": SEED}
 
     def run(self, image, method, seed, resolution):
-        if method != "shuffle":
-            return (core.preprocess_images(image, self.METHODS[method], resolution),)
-        rng, flow = np.random.RandomState(seed), []
-
-        def shuffle(img):  # one flow for the whole batch: every frame is warped alike
-            if not flow:
-                flow.extend(core.shuffle_flow(img.shape[0], img.shape[1], rng))
-            return core.remap(img, *flow)
-        return (core.preprocess_images(image, shuffle, resolution),)
+        function = self.METHODS[method]
+        return (core.preprocess_images(image, lambda img: function(img, np.random.RandomState(seed)), resolution),)
 
 
 class PixelArt(_Preprocessor):
@@ -139,7 +140,8 @@ class Inpainting(_Preprocessor):
     @classmethod
     def INPUT_TYPES(cls):
         types = super().INPUT_TYPES()
-        types["optional"] = {"mask": ("MASK", {"tooltip": "Masked pixels (1) become black; overrides the method."})}
+        types["optional"] = {"mask": ("MASK", {"tooltip": "Masked pixels (1) become black; overrides the method. "
+                                                         "An empty mask (nothing painted) is ignored."})}
         return types
 
     def run(self, image, method, seed, top, bottom, left, right, resolution, mask=None):
@@ -147,7 +149,7 @@ class Inpainting(_Preprocessor):
         frames = core.to_uint8(image)
         if resolution:
             frames = [core.resize_image(f, resolution) for f in frames]
-        if mask is not None:
+        if mask is not None and float(mask.max()) >= 0.5:  # an empty mask (nothing painted) is ignored
             masks = core.mask_to_uint8(mask, frames[0].shape[:2], resolution)
             if len(masks) not in (1, len(frames)):
                 raise CtrLoRAError(f"CtrLoRA Inpainting: {len(masks)} masks for {len(frames)} images; give 1 or "
@@ -183,7 +185,8 @@ class Pad(_Preprocessor):
 
     @classmethod
     def parameters(cls):
-        ratio = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip": "The official app uses 0.5."})
+        ratio = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 4.0, "step": 0.05,
+                           "tooltip": "The official app uses 0.5."})
         return {"top": ratio, "bottom": ratio, "left": ratio, "right": ratio}
 
     def run(self, image, top, bottom, left, right, resolution):

