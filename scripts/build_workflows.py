@@ -27,18 +27,30 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 COMMUNITY = "realisticVisionV60B1_v51VAE.safetensors"
 BASE = "ctrlora_sd15_basecn700k.ckpt"
 CANNY = "ctrlora_sd15_basecn700k_canny_rank128.ckpt"
-LINEART = "ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt"
-PALETTE = "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt"
+# The official ComfyUI style-transfer workflow's pair (its strengths 0.85 + 0.35 were chosen for these files).
+LINEART = "ctrlora_sd15_basecn700k_lineart_rank128_100kimgs_100ksteps.ckpt"
+PALETTE = "ctrlora_sd15_basecn700k_palette_rank128_520kimgs_800ksteps.ckpt"
+INPAINTING_BRUSH = "ctrlora_sd15_basecn700k_inpainting_brush_rank128_1kimgs_1ksteps.ckpt"
 SD15_MODEL = {"name": SD15, "directory": "checkpoints",
               "url": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/" + SD15}
 CTRLORA_URL = "https://huggingface.co/xyfJASON/ctrlora"
-PLACEHOLDERS = {"checkpoints": [SD15, COMMUNITY], "ctrlora": [BASE, CANNY, LINEART, PALETTE]}
+PLACEHOLDERS = {"checkpoints": [SD15, COMMUNITY], "ctrlora": [BASE, CANNY, LINEART, PALETTE, INPAINTING_BRUSH]}
+with open(os.path.join(ROOT, "ctrlora_core", "catalogue.json"), encoding="utf-8") as catalogue_file:
+    CATALOGUE = json.load(catalogue_file)
+
+
+def released(name):
+    """The frontend's model list for a released CtrLoRA file: it offers the download when the file is missing."""
+    entry = next(f for f in CATALOGUE["files"] if f["file"] == name)
+    return [{"name": name, "url": CATALOGUE["download"].format(path=entry["path"]), "directory": "ctrlora"}]
+
 
 POSITIVE_GENERAL = "masterpiece, best quality"
 NEGATIVE_GENERAL = "worst quality, low quality, NSFW"
 SUBJECT = "a girl with blonde hair in a pink dress standing on a green hill, blue sky with white clouds"
 NOTE_WIDTH = 420
-CANNY_THRESHOLDS = {"low_threshold": 0.4, "high_threshold": 0.8}  # ComfyUI's defaults; official 100/200 of 255
+FIXED_SEED = {"seed": 0, "control_after_generate": "fixed"}
+CANNY_THRESHOLDS = {"low_threshold": 0.392, "high_threshold": 0.784}  # the official 100/200 of 255
 
 
 # Heights the frontend cannot know when it creates the node (text boxes, image previews, and the room the pack's
@@ -96,40 +108,22 @@ def sampling_nodes(col, prefix, positive_link, negative_link, model_link, vae_li
 
 def single_condition(checkpoint, prefix, positive, negative, read_me, checkpoint_models=None):
     """Image -> 512x512 -> Canny -> VAE Condition Encode; base + canny LoRA; Apply CtrLoRA; sample."""
-    nodes = [
-        note("note", 0, read_me),
-        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": checkpoint}, width=330,
-             models=checkpoint_models),
-        node("positive", "CLIPTextEncode", 1, {"text": positive}, title="Positive prompt", width=400),
-        node("negative", "CLIPTextEncode", 1, {"text": negative}, title="Negative prompt", width=400),
+    make_nodes = [
         node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (your picture)", width=330),
         scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
         node("canny", "Canny", 2, CANNY_THRESHOLDS, title="Canny edge map", width=300),
-        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=360),
-        node("lora", "CtrLoRALoad", 3, {"lora_name": CANNY}, width=360),
-        node("encode", "CtrLoRAVAEConditionEncode", 3, width=360),
-        node("apply", "CtrLoRAApply", 3, apply_widgets(1.0), width=360),
-        node("preview", "PreviewImage", 5, title="Condition image (canny)", width=400),
     ]
-    links = [
-        ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
-        ("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "canny", "image"),
-        ("canny", "IMAGE", "encode", "image"), ("checkpoint", "VAE", "encode", "vae"),
-        ("canny", "IMAGE", "preview", "images"),
-        ("base", "base", "lora", "base"),
-        ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
-        ("lora", "condition", "apply", "condition"), ("encode", "condition_latent", "apply", "condition_latent"),
-    ]
-    sample_nodes, sample_links = sampling_nodes(4, prefix, ("apply", "positive"), ("apply", "negative"),
-                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"))
-    return layout(nodes + sample_nodes, links + sample_links)
+    make_links = [("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "canny", "image")]
+    return one_condition(read_me, prefix, positive, negative, CANNY, make_nodes, make_links, ("canny", "IMAGE"),
+                         checkpoint=checkpoint, checkpoint_models=checkpoint_models)
 
 
 def canny_sd15():
     read_me = (
         "CtrLoRA: one condition (canny) with Stable Diffusion 1.5\n\n"
         "1. Pick your picture in Load Image (any size; it is resized to 512x512).\n"
-        "2. ComfyUI's Canny node turns it into an edge map (shown on the right).\n"
+        "2. ComfyUI's Canny node turns it into an edge map (shown on the right), with the official thresholds "
+        "100/200 (0.392/0.784 on its 0-1 scale).\n"
         "3. VAE Condition Encode encodes that map with the checkpoint's own VAE; Apply CtrLoRA adds it to both "
         "prompts through the shared Base ControlNet and the canny LoRA (strength 1.0).\n"
         "4. Run. Official settings: DDIM, 20 steps, cfg 7.5, 512 px.\n\n"
@@ -164,14 +158,14 @@ def style_transfer():
     read_me = (
         "CtrLoRA style transfer: lineart 0.85 + palette 0.35 (the official recipe)\n\n"
         "One source picture gives two conditions, each with its own LoRA on the one shared Base ControlNet:\n"
-        "- lineart (strength 0.85) keeps the shapes. ComfyUI has no lineart preprocessor, so Canny stands in; for "
-        "best results replace it with a lineart preprocessor from a preprocessor pack (e.g. comfyui_controlnet_aux, "
-        "'Realistic Lineart').\n"
-        "- palette (strength 0.35) keeps the colours: the picture shrunk 64x (bicubic) and blown up again "
-        "(nearest), as the official palette preprocessor does. The official demo also feeds the untouched picture "
-        "to the palette LoRA: bypass the two palette resize nodes to try that.\n"
-        "The two Apply CtrLoRA nodes are chained; their controls add up. Official two-condition default is 1.0 + "
-        "1.0; 0.5-0.85 lineart with 0.35 palette suits style transfer.\n"
+        "- lineart (strength 0.85) keeps the shapes. The official lineart map is black lines on white from the "
+        "'Realistic Lineart' annotator: with comfyui_controlnet_aux installed, replace the Canny node by "
+        "'Realistic Lineart' (LineArtPreprocessor, coarse disable, resolution 512) and keep Invert Image after it. "
+        "Here ComfyUI's Canny (official thresholds) stands in.\n"
+        "- palette (strength 0.35) keeps the colours: CtrLoRA Preprocess -> palette makes the official palette map "
+        "(one colour per 64x64 block, bit-exact).\n"
+        "The two Apply CtrLoRA nodes are chained; their controls add up. These LoRA files and strengths are the "
+        "official ComfyUI workflow's.\n"
         "The style comes from the checkpoint and the prompt: load a stylised SD1.5 checkpoint (oil painting, pixel "
         "art, ink, ...) for the strongest effect.\n\n"
         + models_section(f"models/checkpoints/{SD15} (or a stylised SD1.5 model)", f"models/ctrlora/{BASE}",
@@ -188,12 +182,14 @@ def style_transfer():
         node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (source picture)", width=330),
         scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
         node("lineart", "Canny", 2, CANNY_THRESHOLDS, title="Lineart (Canny stands in)", width=300),
-        # The official palette preprocessor: 64x bicubic downsampling, then 64x nearest upsampling.
-        scale("shrink", 2, "Palette: shrink 64x (bicubic)", "bicubic", 512 // 64, "disabled"),
-        scale("grow", 2, "Palette: back to 512 (nearest)", "nearest-exact", 512, "disabled"),
-        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=380),
-        node("lora_lineart", "CtrLoRALoad", 3, {"lora_name": LINEART}, title="Load CtrLoRA (lineart)", width=380),
-        node("lora_palette", "CtrLoRALoad", 3, {"lora_name": PALETTE}, title="Load CtrLoRA (palette)", width=380),
+        node("invert", "ImageInvert", 2, title="Invert Image (black lines on white)", width=300),
+        node("palette", "CtrLoRAPreprocess", 2, {"method": "palette", **FIXED_SEED, "resolution": 512},
+             title="CtrLoRA Preprocess (palette)", width=300),
+        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=380, models=released(BASE)),
+        node("lora_lineart", "CtrLoRALoad", 3, {"lora_name": LINEART}, title="Load CtrLoRA (lineart)", width=380,
+             models=released(LINEART)),
+        node("lora_palette", "CtrLoRALoad", 3, {"lora_name": PALETTE}, title="Load CtrLoRA (palette)", width=380,
+             models=released(PALETTE)),
         node("encode_lineart", "CtrLoRAVAEConditionEncode", 3, title="VAE Condition Encode (lineart)", width=380),
         node("encode_palette", "CtrLoRAVAEConditionEncode", 3, title="VAE Condition Encode (palette)", width=380),
         node("apply_lineart", "CtrLoRAApply", 4, apply_widgets(0.85), title="Apply CtrLoRA (lineart 0.85)",
@@ -206,10 +202,10 @@ def style_transfer():
     links = [
         ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
         ("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "lineart", "image"),
-        ("scale", "IMAGE", "shrink", "image"), ("shrink", "IMAGE", "grow", "image"),
-        ("lineart", "IMAGE", "encode_lineart", "image"), ("checkpoint", "VAE", "encode_lineart", "vae"),
-        ("grow", "IMAGE", "encode_palette", "image"), ("checkpoint", "VAE", "encode_palette", "vae"),
-        ("lineart", "IMAGE", "preview_lineart", "images"), ("grow", "IMAGE", "preview_palette", "images"),
+        ("lineart", "IMAGE", "invert", "image"), ("scale", "IMAGE", "palette", "image"),
+        ("invert", "IMAGE", "encode_lineart", "image"), ("checkpoint", "VAE", "encode_lineart", "vae"),
+        ("palette", "condition_image", "encode_palette", "image"), ("checkpoint", "VAE", "encode_palette", "vae"),
+        ("invert", "IMAGE", "preview_lineart", "images"), ("palette", "condition_image", "preview_palette", "images"),
         ("base", "base", "lora_lineart", "base"), ("base", "base", "lora_palette", "base"),
         ("positive", "CONDITIONING", "apply_lineart", "positive"),
         ("negative", "CONDITIONING", "apply_lineart", "negative"),
@@ -224,6 +220,79 @@ def style_transfer():
                                                 ("apply_palette", "negative"), ("checkpoint", "MODEL"),
                                                 ("checkpoint", "VAE"))
     return layout(nodes + sample_nodes, links + sample_links)
+
+
+def one_condition(read_me, prefix, positive, negative, lora, make_nodes, make_links, condition_output,
+                  checkpoint=SD15, checkpoint_models=(SD15_MODEL,)):
+    """Checkpoint, prompts, base + ``lora``, the condition image made by ``make_nodes`` (column 2, its output
+    ``condition_output`` = (key, slot)), VAE Condition Encode, Apply CtrLoRA (1.0), sample; a preview of the map."""
+    nodes = [
+        note("note", 0, read_me),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": checkpoint}, width=330,
+             models=list(checkpoint_models) if checkpoint_models else None),
+        node("positive", "CLIPTextEncode", 1, {"text": positive}, title="Positive prompt", width=400),
+        node("negative", "CLIPTextEncode", 1, {"text": negative}, title="Negative prompt", width=400),
+        *make_nodes,
+        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=380, models=released(BASE)),
+        node("lora", "CtrLoRALoad", 3, {"lora_name": lora}, width=380, models=released(lora)),
+        node("encode", "CtrLoRAVAEConditionEncode", 3, width=380),
+        node("apply", "CtrLoRAApply", 3, apply_widgets(1.0), width=380),
+        node("preview", "PreviewImage", 5, title="Condition image", width=400),
+    ]
+    links = [
+        *make_links,
+        ("checkpoint", "CLIP", "positive", "clip"), ("checkpoint", "CLIP", "negative", "clip"),
+        (*condition_output, "encode", "image"), ("checkpoint", "VAE", "encode", "vae"),
+        (*condition_output, "preview", "images"), ("base", "base", "lora", "base"),
+        ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
+        ("lora", "condition", "apply", "condition"), ("encode", "condition_latent", "apply", "condition_latent"),
+    ]
+    sample_nodes, sample_links = sampling_nodes(4, prefix, ("apply", "positive"), ("apply", "negative"),
+                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"))
+    return layout(nodes + sample_nodes, links + sample_links)
+
+
+def inpainting():
+    read_me = (
+        "CtrLoRA inpainting with the mask editor (inpainting_brush LoRA)\n\n"
+        "1. Pick your picture in Load Image (512x512 works best: the sampled latent is 512x512), right-click it, "
+        "'Open in MaskEditor' and paint over what should be redrawn; save.\n"
+        "2. CtrLoRA Inpainting blacks out the painted pixels, as the inpainting_brush LoRA was trained (its "
+        "training holes were random brush strokes: with nothing painted, the node draws such strokes from its "
+        "seed).\n"
+        "3. Describe the whole picture, including what should fill the hole, in the positive prompt. Run.\n\n"
+        + models_section(f"models/checkpoints/{SD15}", f"models/ctrlora/{BASE}", f"models/ctrlora/{INPAINTING_BRUSH}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    make_nodes = [
+        node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (paint the mask on it)", width=330),
+        node("holes", "CtrLoRAInpainting", 2, {"method": "brush strokes", **FIXED_SEED, "resolution": 512},
+             width=330),
+    ]
+    make_links = [("image", "IMAGE", "holes", "image"), ("image", "MASK", "holes", "mask")]
+    return one_condition(read_me, "ctrlora/inpainting", f"{SUBJECT}, {POSITIVE_GENERAL}", NEGATIVE_GENERAL,
+                         INPAINTING_BRUSH, make_nodes, make_links, ("holes", "condition_image"))
+
+
+def palette_recolour():
+    read_me = (
+        "CtrLoRA palette: a new picture in the colours of a reference\n\n"
+        "CtrLoRA Preprocess -> palette turns the reference (Load Image) into the official palette map, one colour "
+        "per 64x64 block (bit-exact with the official preprocessor); the palette LoRA (strength 1.0) makes the "
+        "prompt's picture in those colours and their layout. Lower the strength to loosen it, or chain it after "
+        "another condition (see the style-transfer workflow) to recolour a picture's shapes.\n\n"
+        + models_section(f"models/checkpoints/{SD15}", f"models/ctrlora/{BASE}", f"models/ctrlora/{PALETTE}")
+        + f"\nCtrLoRA files: {CTRLORA_URL}"
+    )
+    make_nodes = [
+        node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (colour reference)", width=330),
+        scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
+        node("palette", "CtrLoRAPreprocess", 2, {"method": "palette", **FIXED_SEED, "resolution": 512}, width=330),
+    ]
+    make_links = [("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "palette", "image")]
+    positive = f"a cosy village street at dusk, houses and lanterns, {POSITIVE_GENERAL}"
+    return one_condition(read_me, "ctrlora/palette", positive, NEGATIVE_GENERAL, PALETTE, make_nodes, make_links,
+                         ("palette", "condition_image"))
 
 
 DENTAL_TEMPLATE = ("a 3D dental model of {jaw} teeth, {view} view, with professional lighting, high quality, "
@@ -255,7 +324,7 @@ def train_widgets(output_name):
 def training_nodes(output_name, train_col):
     nodes = [
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": SD15}, width=330, models=[SD15_MODEL]),
-        node("base", "CtrLoRALoadBase", 1, {"base_name": BASE}, width=330),
+        node("base", "CtrLoRALoadBase", 1, {"base_name": BASE}, width=330, models=released(BASE)),
         node("train", "CtrLoRATrain", train_col, train_widgets(output_name), title="Train CtrLoRA (dental)",
              width=460),
     ]
@@ -315,6 +384,8 @@ WORKFLOWS_TO_BUILD = {
     "ctrlora-3-community-checkpoint": community_checkpoint,
     "ctrlora-4-train-dental-condition": train_dental,
     "ctrlora-5-train-then-apply": train_then_apply,
+    "ctrlora-6-inpainting-mask-editor": inpainting,
+    "ctrlora-7-palette-recolour": palette_recolour,
 }
 
 BUILD_JS = """async (spec) => {

@@ -23,11 +23,11 @@ from ui_host import comfy_page, load_workflows, running_server
 WORKFLOWS = load_workflows()
 CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "realisticVisionV60B1_v51VAE.safetensors")
 BASE = "ctrlora_sd15_basecn700k.ckpt"
-LORAS = {
-    "ctrlora_sd15_basecn700k_canny_rank128.ckpt": "canny",
-    "ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt": "lineart",
-    "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt": "palette",
-}
+with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ctrlora_core", "catalogue.json")) as f:
+    RELEASED = json.load(f)["files"]
+# {released LoRA the workflows name: its condition}
+LORAS = {entry["file"]: entry["condition"] for entry in RELEASED
+         if entry["kind"] == "lora" and any(entry["file"] in json.dumps(w) for w in WORKFLOWS.values())}
 SIZE = 64  # px: an 8x8 latent
 STEPS = 1
 TRAIN_STEPS = 2
@@ -101,7 +101,7 @@ def check_links(prompt, object_info):
 
 
 def shrink(prompt):
-    """The prompt at SIZE px and STEPS steps; all else as shipped (the palette's 8 px stays 8 px)."""
+    """The prompt at SIZE px and STEPS steps; all else as shipped."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs = node["inputs"]
@@ -112,6 +112,8 @@ def shrink(prompt):
             inputs["steps"] = STEPS
         if node["class_type"] == "CtrLoRATrain":
             inputs.update(steps=TRAIN_STEPS, resolution=SIZE)
+        elif node["class_type"].startswith("CtrLoRA") and "resolution" in inputs:  # the preprocessors' resize
+            inputs["resolution"] = SIZE
     return prompt
 
 
@@ -155,6 +157,7 @@ def test_workflow_runs_as_shipped(name, server, comfy):
             "(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_info').value",
             int(node_id))
         assert f"{LORAS[lora_name]} · rank 128" in shown_text and "246 keys" in shown_text
+        assert f"Condition image: {LORAS[lora_name]}: use " in shown_text  # what the released file expects
     # Training writes its LoRA, reports, and the page drew the run's loss curve from the real events.
     for node_id, node in trainers.items():
         written = f"{node['inputs']['output_name']}.safetensors"
