@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the file or input and what is wrong, and nothing written."""
+import hashlib
 import os
 import pickle
 
@@ -144,7 +145,8 @@ def test_base_missing_shared_weights(folder):
             lambda: nodes.LoadBaseControlNet().load("broken_base.ckpt"))
 
 
-def test_condition_image_channels():
+def test_condition_image_channels(folder):
+    before = _folder_snapshot(folder)
     vae = tiny_vae()
     encode = nodes.VAEConditionEncode().encode
     gray, rgba = torch.rand(1, 32, 32, 1), torch.rand(1, 32, 32, 4)
@@ -154,6 +156,7 @@ def test_condition_image_channels():
         encode(torch.rand(1, 32, 32, 2), vae)
     with pytest.raises(Error, match="smaller than"):
         encode(torch.rand(1, 1, 1, 3), vae)
+    assert _folder_snapshot(folder) == before
 
 
 def test_odd_image_size_is_cropped_like_vae_encode():
@@ -164,15 +167,18 @@ def test_odd_image_size_is_cropped_like_vae_encode():
 
 
 def test_latent_with_wrong_channels_and_bad_percent_range(folder):
+    before = _folder_snapshot(folder)
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
     condition = load_lora(base, "lora0.ckpt")
     with pytest.raises(Error, match="condition latent has 16 channels but base.ckpt takes 4"):
         apply(conditioning(0), conditioning(1), condition, torch.zeros(1, 16, 8, 8))
     with pytest.raises(Error, match=r"start_percent \(0.8\) must not be greater than end_percent \(0.2\)"):
         apply(conditioning(0), conditioning(1), condition, torch.zeros(1, 4, 8, 8), 1.0, 0.8, 0.2)
+    assert _folder_snapshot(folder) == before
 
 
 def test_mismatched_batches_of_latent_and_condition(folder):
+    before = _folder_snapshot(folder)
     (base,) = nodes.LoadBaseControlNet().load("base.ckpt")
     condition = load_lora(base, "lora0.ckpt")
     model = tiny_model()
@@ -180,6 +186,7 @@ def test_mismatched_batches_of_latent_and_condition(folder):
     with pytest.raises(Error, match="Apply CtrLoRA \\(lora0.ckpt\\): the condition latent has a batch of 2 but the sampled latent has 3"):
         control_outputs(positive, model, sigmas_for(model, torch.tensor([500] * 3)), torch.zeros(3, 7, 32),
                         x=torch.zeros(3, 4, 16, 16))
+    assert _folder_snapshot(folder) == before
 
 
 # --- Train CtrLoRA: bad datasets, settings, names and saved runs -------------------------------------------------------
@@ -188,7 +195,6 @@ def test_mismatched_batches_of_latent_and_condition(folder):
 
 def _tree(folder):
     """Every file under ``folder`` (links not followed) with its bytes' digest."""
-    import hashlib
     found = []
     for root, _, files in os.walk(folder):
         for name in files:
