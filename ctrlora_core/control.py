@@ -4,6 +4,8 @@ Each 'Apply CtrLoRA' adds one ``CtrLoRAControl`` to the conditioning's control c
 ``previous_controlnet``), so several conditions combine exactly as the official multi-LoRA inference:
 each runs the shared base with its own LoRA and its own hint latent, and the outputs are summed.
 """
+import logging
+
 import comfy.controlnet
 import comfy.utils
 
@@ -25,23 +27,37 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         self.model_latent_format = model.latent_format
         self.condition.base.model.set_attention_heads(model.model_config.unet_config)
 
-    def hint_for(self, x_noisy, batched_number):
+    def hint_for(self, x_noisy, batched_number, transformer_options=None):
         latent = self.cond_hint_original
         height, width = x_noisy.shape[-2:]
         if self.hint is None or self.hint.shape[-2:] != (height, width):
             if latent.shape[-2:] != (height, width):
+                # Centre-cropped to the sampled aspect ratio, then scaled: never stretched (the official app
+                # centre-crops conditions of different sizes to their common size).
+                logging.info("Apply CtrLoRA (%s): condition latent %dx%d, sampled latent %dx%d: centre-cropped to "
+                             "the same aspect and resized.", self.condition.name, latent.shape[-1], latent.shape[-2],
+                             width, height)
                 latent = comfy.utils.common_upscale(latent, width, height, "bilinear", "center")
             self.hint = self.model_latent_format.process_in(latent).to(x_noisy.device, self.condition.base.compute_dtype)
-        per_cond = x_noisy.shape[0] // batched_number
-        if self.hint.shape[0] not in (1, per_cond):
+        hint, frames = self.hint, x_noisy.shape[0] // batched_number
+        window = (transformer_options or {}).get("ad_params")
+        if window is not None and hint.shape[0] > 1:
+            # AnimateDiff-Evolved's sliding context windows sample a few frames at a time ("sub_idxs" of
+            # "full_length"): each frame's condition goes with its frame, as Advanced-ControlNet's controls do.
+            if hint.shape[0] != window["full_length"]:
+                raise CtrLoRAError(
+                    f"Apply CtrLoRA ({self.condition.name}): {hint.shape[0]} condition frames for "
+                    f"{window['full_length']} latent frames; encode 1 condition image (used for all) or one per frame.")
+            hint = hint[list(window["sub_idxs"])]
+        if hint.shape[0] not in (1, frames):
             raise CtrLoRAError(
-                f"Apply CtrLoRA ({self.condition.name}): the condition latent has a batch of {self.hint.shape[0]} "
-                f"but the sampled latent has {per_cond}; encode 1 condition image (used for all) or {per_cond}."
+                f"Apply CtrLoRA ({self.condition.name}): the condition latent has a batch of {hint.shape[0]} "
+                f"but the sampled latent has {frames}; encode 1 condition image (used for all) or {frames}."
             )
-        if self.hint.shape[0] == 1:
+        if hint.shape[0] == 1:
             # Unlike ControlNet's, this model never sees x_noisy: pair the hint with every context and timestep.
-            return self.hint.expand(x_noisy.shape[0], *self.hint.shape[1:])
-        return comfy.controlnet.broadcast_image_to(self.hint, x_noisy.shape[0], batched_number)
+            return hint.expand(x_noisy.shape[0], *hint.shape[1:])
+        return comfy.controlnet.broadcast_image_to(hint, x_noisy.shape[0], batched_number)
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
         control_prev = None
@@ -49,7 +65,7 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if self.timestep_range is not None and not (self.timestep_range[1] <= t[0] <= self.timestep_range[0]):
             return control_prev
-        control = self.run_condition(x_noisy, t, cond, self.hint_for(x_noisy, batched_number))
+        control = self.run_condition(x_noisy, t, cond, self.hint_for(x_noisy, batched_number, transformer_options))
         return self.control_merge(control, control_prev, output_dtype=None)
 
     def run_condition(self, x_noisy, t, cond, hint):

@@ -23,6 +23,17 @@ def to_rgb(image, name="image"):
     raise CtrLoRAError(f"{name}: {channels} channels; a condition image must be grayscale, RGB or RGBA.")
 
 
+FOREIGN_LATENT = (
+    "its condition latent does not come from VAE Condition Encode (is it from ComfyUI's VAE Encode?). VAE Encode "
+    "gives the encoder the image in [-1, 1] where CtrLoRA was trained on [0, 1], so the control is off. Encode the "
+    "condition image with VAE Condition Encode.")
+
+
+def foreign_latent_warning(latent, mark):
+    """A warning for a LATENT dict that VAE Condition Encode did not make (it sets ``mark``), else None."""
+    return None if mark in latent else FOREIGN_LATENT
+
+
 def encode_condition(vae, image):
     """Encodes condition images with ``vae`` so that its encoder sees the pixel values unchanged.
 

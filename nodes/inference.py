@@ -3,9 +3,11 @@ from ..ctrlora_core import (
     CONTROL_CLASSES, FAMILIES, LATENT_FAMILY_KEY, apply_control, check_latent_family, encode_condition,
     encode_xl_condition, list_embedded, load_base, load_condition, load_xl_condition,
 )
+from ..ctrlora_core.hint import foreign_latent_warning
 from ..ctrlora_core.info import describe_lora
 from ..ctrlora_core.xl.info import describe_xl_condition
 from . import model_folders
+from .messages import warn_on_node
 
 CATEGORY = "conditioning/ctrlora"
 
@@ -112,6 +114,9 @@ class ApplyCtrLoRA:
 
     def apply(self, positive, negative, condition, condition_latent, strength, start_percent, end_percent):
         check_latent_family(condition, condition_latent.get(LATENT_FAMILY_KEY))
+        warning = foreign_latent_warning(condition_latent, LATENT_FAMILY_KEY)
+        if warning:  # it still runs: a hand-made latent may be meant
+            warn_on_node(f"Apply CtrLoRA ({condition.name}): {warning}")
         return apply_control(positive, negative, condition, condition_latent["samples"],
                              strength, start_percent, end_percent, CONTROL_CLASSES[condition.base.family])
 

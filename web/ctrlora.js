@@ -4,12 +4,14 @@
 //   released file what it was trained on and which node makes its condition image (its UI output "ctrlora_lora").
 // * Training: the loss curve and step counter are drawn on the training node from the
 //   "ctrlora.train.progress" events the node sends while it runs; its report stays on it afterwards.
-// * Messages on the node itself: an error raised by one of the pack's nodes, and a model file the
-//   workflow names that is not in the models folder (with where to put it).
+// * Messages on the node itself: an error raised by one of the pack's nodes, a warning one of them sends
+//   while it runs (e.g. Apply CtrLoRA given a latent from VAE Encode), and a model file the workflow names
+//   that is not in the models folder (with where to put it).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_EVENT = "ctrlora.train.progress";
+const WARNING_EVENT = "ctrlora.node.warning";
 const LORA_NODE = "CtrLoRALoad";
 const TRAIN_NODE = /^CtrLoRATrain/;
 const MODEL_WIDGETS = {
@@ -469,10 +471,22 @@ app.registerExtension({
       app.canvas?.setDirty(true, true);
     });
 
+    api.addEventListener(WARNING_EVENT, ({ detail }) => {
+      const node = nodeById(detail?.node);
+      if (!node || !detail.message) return;
+      const notice = panel(node, "ctrlora_notice");
+      notice.set(`Warning: ${detail.message}`, "hint");
+      notice.fromRun = true;
+    });
+
     api.addEventListener("execution_start", () => {
+      // An error or warning of the last run stays until the next run.
       for (const node of ourNodes()) {
         const notice = node.widgets?.find((w) => w.name === "ctrlora_notice");
-        if (notice?.tone === "error") notice.set("");
+        if (notice?.tone === "error" || notice?.fromRun) {
+          notice.set("");
+          notice.fromRun = false;
+        }
       }
     });
 
