@@ -13,6 +13,7 @@ import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
+import comfy.supported_models
 import comfy.supported_models_base
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -80,3 +81,16 @@ def prompt_encoder(dim=CONTEXT_DIM, tokens=7):
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
         return torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed))
     return encode
+
+
+def tiny_clip():
+    """A real ComfyUI CLIP (SD1.5 tokenizer and text model code) at width 32, 1 layer, with seeded weights."""
+    target = comfy.supported_models.SD15({}).clip_target()
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": {
+        "hidden_size": CONTEXT_DIM, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+        "projection_dim": CONTEXT_DIM}})
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    return clip

@@ -14,10 +14,9 @@ import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
-import comfy.supported_models
 
 import tiny
-from tiny import prompt_encoder  # noqa: F401 (re-exported for the tests)
+from tiny import prompt_encoder, tiny_clip  # noqa: F401 (re-exported for the tests)
 from conftest import pack
 
 training = importlib.import_module(f"{pack.__name__}.training")
@@ -57,19 +56,6 @@ def write_prompt_json(folder, entries):
     with open(os.path.join(folder, "prompt.json"), "w") as f:
         for entry in entries:
             f.write((entry if isinstance(entry, str) else json.dumps(entry)) + "\n")
-
-
-def tiny_clip():
-    """A real ComfyUI CLIP (SD1.5 tokenizer and text model code) at width 32, 1 layer, with seeded weights."""
-    target = comfy.supported_models.SD15({}).clip_target()
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": {
-        "hidden_size": tiny.CONTEXT_DIM, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
-        "projection_dim": tiny.CONTEXT_DIM}})
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in clip.cond_stage_model.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return clip
 
 
 def golden_base():
