@@ -458,15 +458,8 @@ app.registerExtension({
       const node = nodeById(detail?.node);
       if (!node) return;
       const chart = lossChart(node);
-      const run = chart.run;
       chart.update(detail);
-      const notice = node.widgets?.find((w) => w.name === "ctrlora_notice");
-      if (chart.run !== run && notice?.text) notice.set(""); // the last run's message goes with its chart
       if (detail.status === "error" && detail.message) panel(node, "ctrlora_notice").set(detail.message, "error");
-      if (detail.status === "cancelled") {
-        const saved = detail.message ? `: ${detail.message}` : "";
-        panel(node, "ctrlora_notice").set(`Cancelled at step ${chart.step}/${chart.total}${saved}`, "hint");
-      }
       node.setDirtyCanvas?.(true, true);
       app.canvas?.setDirty(true, true);
     });
