@@ -90,35 +90,34 @@ class PixelArt(_Preprocessor):
         return (core.to_image([core.pixel(f, colors, scale, colours=palette) for f in frames]),)
 
 
-class Blur(_Preprocessor):
+class _OneDrawnParameter(_Preprocessor):
+    """A preprocessor with one parameter that the official tool draws at random (-1: drawn from the seed)."""
+    PARAMETER = None  # (input name, default, maximum, tooltip)
+
+    @classmethod
+    def parameters(cls):
+        name, default, maximum, tooltip = cls.PARAMETER
+        return {name: ("INT", {"default": default, "min": RANDOM, "max": maximum,
+                               "tooltip": f"{tooltip} -1: drawn from the seed."}),
+                "seed": SEED}
+
+    def run(self, image, seed, resolution, **parameter):
+        value = parameter[self.PARAMETER[0]]
+        if value == RANDOM:
+            value = self.draw(np.random.RandomState(seed))
+        return (core.preprocess_images(image, lambda img: self.apply(img, value), resolution),)
+
+
+class Blur(_OneDrawnParameter):
     DESCRIPTION = "The official blur: Gaussian with sigma 4 whatever the kernel size (the released LoRA's quirk)."
-
-    @classmethod
-    def parameters(cls):
-        return {"kernel_size": ("INT", {"default": 55, "min": RANDOM, "max": 201, "tooltip":
-                                        "Odd. Official draws: median 55; 33 and above give the same image (sigma 4). "
-                                        "-1: drawn from the seed."}),
-                "seed": SEED}
-
-    def run(self, image, kernel_size, seed, resolution):
-        if kernel_size == RANDOM:
-            kernel_size = core.draw_blur_ksize(np.random.RandomState(seed))
-        return (core.preprocess_images(image, lambda img: core.blur(img, kernel_size), resolution),)
+    PARAMETER = ("kernel_size", 55, 201, "Odd. Official draws: median 55; 33 and above give the same image (sigma 4).")
+    draw, apply = staticmethod(core.draw_blur_ksize), staticmethod(core.blur)
 
 
-class Jpeg(_Preprocessor):
+class Jpeg(_OneDrawnParameter):
     DESCRIPTION = "The official jpeg preprocessor: JPEG compression at `quality` (4:2:0), decoded again."
-
-    @classmethod
-    def parameters(cls):
-        return {"quality": ("INT", {"default": 20, "min": RANDOM, "max": 100, "tooltip":
-                                    "Official draws: around 10-30 (mean 20). -1: drawn from the seed."}),
-                "seed": SEED}
-
-    def run(self, image, quality, seed, resolution):
-        if quality == RANDOM:
-            quality = core.draw_jpeg_quality(np.random.RandomState(seed))
-        return (core.preprocess_images(image, lambda img: core.jpeg(img, quality), resolution),)
+    PARAMETER = ("quality", 20, 100, "Official draws: around 10-30 (mean 20).")
+    draw, apply = staticmethod(core.draw_jpeg_quality), staticmethod(core.jpeg)
 
 
 class Inpainting(_Preprocessor):

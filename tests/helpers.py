@@ -41,12 +41,13 @@ def sigmas_for(model, timesteps):
     return model.model.model_sampling.sigma(timesteps.float())
 
 
-def write_lora(base, path, seed, rank=4):
-    """A condition LoRA file with random nonzero weights for ``base``, in the official layout."""
+def write_lora(base, path, seed, rank=4, metadata=None):
+    """A condition LoRA file with random nonzero weights for ``base``, in the official layout (``metadata``: the
+    safetensors metadata, as the trainer writes)."""
     generator = torch.Generator().manual_seed(seed)
     adapter = pack.ctrlora_core.ConditionAdapter.fresh(base.model, rank, generator)
     with torch.no_grad():
         for t in adapter.tensors:
             t.add_(0.1 * torch.randn(t.shape, generator=generator))
-    pack.ctrlora_core.checkpoint.save_lora_file(adapter.file_tensors(), str(path))
+    pack.ctrlora_core.checkpoint.save_lora_file(adapter.file_tensors(), str(path), metadata)
     return path

@@ -160,10 +160,13 @@ def test_inpainting_from_a_mask_editor_mask_blanks_the_masked_pixels():
 
 def test_random_parameters_are_drawn_from_the_seed():
     image = _image("inputs/scene_256x192.png")
-    first = nodes.Blur().run(image, -1, 3, 0)[0]
-    assert torch.equal(first, nodes.Blur().run(image, -1, 3, 0)[0])
+    first = nodes.Blur().run(image=image, kernel_size=-1, seed=3, resolution=0)[0]
+    assert torch.equal(first, nodes.Blur().run(image=image, kernel_size=-1, seed=3, resolution=0)[0])
     ksize = core.draw_blur_ksize(np.random.RandomState(3))
-    assert torch.equal(first, nodes.Blur().run(image, ksize, 0, 0)[0])
+    assert torch.equal(first, nodes.Blur().run(image=image, kernel_size=ksize, seed=0, resolution=0)[0])
+    jpeg = nodes.Jpeg().run(image=image, quality=-1, seed=3, resolution=0)[0]
+    quality = core.draw_jpeg_quality(np.random.RandomState(3))
+    assert torch.equal(jpeg, nodes.Jpeg().run(image=image, quality=quality, seed=0, resolution=0)[0])
 
 
 def test_bad_input_is_refused_with_a_clear_message():
