@@ -295,3 +295,23 @@ def test_a_damaged_saved_run_is_refused_and_kept(tmp_path):
     run.mkdir(parents=True)
     (run / "state.json").write_text('{"version": 1, "step": 3, "tens')  # cut off mid-write by another tool
     _refused(tmp_path, _pairs(tmp_path / "data"), "the saved run in .*cond.train cannot be read .*remove that folder")
+
+
+def test_a_resume_with_other_settings_or_data_is_refused_and_the_saved_run_kept(tmp_path):
+    import comfy.model_management
+    from training_helpers import training
+
+    class CancelAfterStep1(training.ComfyReporter):
+        def step(self, step, total, loss, **kwargs):
+            super().step(step, total, loss, **kwargs)
+            comfy.model_management.interrupt_current_processing(True)
+
+    dataset = _pairs(tmp_path / "data", 4)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        trainer(tiny_model(), golden_base(), tiny_vae(), dataset, tmp_path / "out", "cond",
+                config=config(steps=4, validation_fraction=0.0), reporter=CancelAfterStep1(min_interval=0.0)).run()
+    assert os.path.isfile(tmp_path / "out" / "cond.train" / "state.json")
+    _refused(tmp_path, dataset, "resume: these settings differ .*lr: saved 0.001, now 0.002",
+             config=config(steps=4, lr=2e-3, validation_fraction=0.0))
+    _refused(tmp_path, write_pairs(str(tmp_path / "other"), 4, seed=5), "dataset differs",
+             config=config(steps=4, validation_fraction=0.0))
