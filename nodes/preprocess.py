@@ -163,6 +163,30 @@ class Inpainting(_Preprocessor):
         return (core.to_image([core.inpainting(f, top, bottom, left, right) for f in frames]),)
 
 
+class ColourHints(_Preprocessor):
+    DESCRIPTION = ("The official lineart_anime_with_color_prompt: an anime lineart map (comfyui_controlnet_aux 'Anime "
+                   "Lineart' + Invert Image) with random discs of the picture's own colours, for the "
+                   "lineart_anime_color LoRA.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lineart": ("IMAGE", {"tooltip": "The picture's anime lineart, black lines on white."}),
+            "image": ("IMAGE", {"tooltip": "The picture whose colours the discs take (same size as the lineart)."}),
+            "seed": SEED, "resolution": RESOLUTION}}
+
+    def run(self, lineart, image, seed, resolution):
+        lines, pictures = core.to_uint8(lineart), core.to_uint8(image)
+        if resolution:
+            lines, pictures = ([core.resize_image(f, resolution) for f in frames] for frames in (lines, pictures))
+        if len(lines) != len(pictures) or lines[0].shape != pictures[0].shape:
+            raise CtrLoRAError(f"CtrLoRA Colour Hints: the lineart ({len(lines)} x {lines[0].shape[1]}x"
+                               f"{lines[0].shape[0]}) and the image ({len(pictures)} x {pictures[0].shape[1]}x"
+                               f"{pictures[0].shape[0]}) must be the same frames at the same size.")
+        return (core.to_image([core.colour_hints(line, picture, np.random.RandomState(seed))
+                               for line, picture in zip(lines, pictures)]),)
+
+
 class Outpainting(_Preprocessor):
     DESCRIPTION = "The official outpainting preprocessor: keeps a centred window of the image, black around it."
 
@@ -198,6 +222,7 @@ NODE_CLASS_MAPPINGS = {
     "CtrLoRABlur": Blur,
     "CtrLoRAJpeg": Jpeg,
     "CtrLoRAInpainting": Inpainting,
+    "CtrLoRAColourHints": ColourHints,
     "CtrLoRAOutpainting": Outpainting,
     "CtrLoRAPad": Pad,
 }
@@ -207,6 +232,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "CtrLoRABlur": "CtrLoRA Blur",
     "CtrLoRAJpeg": "CtrLoRA JPEG",
     "CtrLoRAInpainting": "CtrLoRA Inpainting",
+    "CtrLoRAColourHints": "CtrLoRA Colour Hints",
     "CtrLoRAOutpainting": "CtrLoRA Outpainting",
     "CtrLoRAPad": "CtrLoRA Pad",
 }

@@ -176,3 +176,22 @@ def test_bad_input_is_refused_with_a_clear_message():
         core.blur(np.zeros((40, 40, 3), np.uint8), 4)
     with pytest.raises(pack.ctrlora_core.CtrLoRAError, match="IMAGE"):
         nodes.Preprocess().run(torch.zeros(8, 8, 3), "palette", 0, 0)
+
+
+def test_colour_hints_paint_discs_of_the_pictures_mean_colour_on_the_lineart():
+    picture = read("inputs/scene_256x192.png")
+    lineart = np.full_like(picture, 255)
+    lineart[::16] = 0  # black lines on white
+    hints = core.colour_hints(lineart, picture, np.random.RandomState(3))
+    changed = (hints != lineart).any(-1)
+    assert 0.005 < changed.mean() < 0.5  # at least 5 discs of radius 3-7 px on 192x256
+    # Every painted pixel took the mean colour of the picture under a disc: a few distinct colours, none of
+    # them the lineart's, and the rest of the lineart untouched.
+    colours = np.unique(hints[changed], axis=0)
+    assert 5 <= len(colours) <= changed.sum() and not core.is_nearly_grey(picture)
+    assert np.array_equal(hints[~changed], lineart[~changed])
+    (frames,) = nodes.ColourHints().run(lineart=torch.from_numpy(np.stack([lineart] * 2).astype(np.float32) / 255),
+                                        image=_image("inputs/scene_256x192.png").repeat(2, 1, 1, 1), seed=3,
+                                        resolution=0)
+    assert torch.equal(frames[0], frames[1])  # the same draws for every frame
+    assert torch.equal(frames[0], torch.from_numpy(hints.astype(np.float32) / 255))
