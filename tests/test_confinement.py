@@ -202,13 +202,15 @@ class Events:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real server; its owner allows one more root (CTRLORA_ALLOWED_ROOTS). Its input folder holds a dataset
-    with links to a folder outside, and a link to that folder."""
+    """The real server; its owner allows two more roots (CTRLORA_ALLOWED_ROOTS and extra_model_paths.yaml). Its
+    input folder holds a dataset with links to a folder outside, and a link to that folder."""
     root = tmp_path_factory.mktemp("confinement")
     allowed, outside = root / "allowed", root / f"{SECRET}_folder"
     write_pairs(str(allowed / "team_pairs"), 2)
     write_pairs(str(outside), 2)
-    server = UIServer(root, models={"ctrlora": {"base.ckpt": os.path.join(GOLDEN, "base.ckpt")}}, fixtures=True)
+    # extra_model_paths.yaml gets "ctrlora_datasets: ctrlora_datasets/": a second root the owner allows.
+    server = UIServer(root, models={"ctrlora": {"base.ckpt": os.path.join(GOLDEN, "base.ckpt")},
+                                    paths.DATASETS_FOLDER: {}}, fixtures=True)
     server.outside, server.allowed = outside, allowed
     environment = dict(os.environ)
     os.environ[paths.ALLOWED_ROOTS_ENV] = str(allowed)  # the server process takes its environment at start
@@ -223,6 +225,7 @@ def server(tmp_path_factory):
         for kind in ("source", "target"):
             os.symlink(outside / kind / "item_0000.png", pairs / kind / "leak.png")
         os.symlink(outside, server.input_dir / "escape")
+        write_pairs(str(root / "models" / paths.DATASETS_FOLDER / "yaml_pairs"), 2)
         yield server
     finally:
         server.stop()
@@ -306,10 +309,13 @@ def test_the_server_trains_inside_and_skips_links_that_lead_out_without_naming_t
     assert saved(server, "inside")
 
 
-def test_the_server_trains_from_a_root_its_owner_allows(server):
-    entry, _ = run(server, train_prompt(server, dataset_folder=str(server.allowed / "team_pairs"), output_name="team"))
+@pytest.mark.parametrize("how", ["environment", "extra_model_paths"])
+def test_the_server_trains_from_a_root_its_owner_allows(server, how):
+    folder = server.allowed / "team_pairs" if how == "environment" else \
+        server.root / "models" / paths.DATASETS_FOLDER / "yaml_pairs"
+    entry, _ = run(server, train_prompt(server, dataset_folder=str(folder), output_name=how))
     assert entry["status"]["status_str"] == "success", server.explain(json.dumps(entry["status"]))
-    assert saved(server, "team")
+    assert saved(server, how)
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped", "sub/escaped", "CON"])
