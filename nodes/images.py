@@ -4,10 +4,14 @@ ComfyUI's Load Image clips 16-bit grayscale PNG/TIFF (a 16-bit ramp comes out 99
 converts CMYK with Pillow's formula; training decodes every mode as the official loader (OpenCV) does. This node is
 Load Image (same input folder, upload widget and MASK) with the training decoder.
 """
+import os
+
 import nodes as comfy_nodes
-import folder_paths
 import torch
 
+from ..ctrlora_core import CtrLoRAError
+
+from ..training import paths
 from ..training.images import decode, decode_alpha
 
 CATEGORY = "conditioning/ctrlora"
@@ -19,8 +23,16 @@ class LoadConditionImage(comfy_nodes.LoadImage):
                    "condition images at inference. MASK: 1 - alpha, as Load Image.")
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        try:  # before looking: whether a file exists outside is nobody's business
+            path = paths.input_file(image, "Load Condition Image")
+        except CtrLoRAError as e:
+            return str(e)
+        return True if os.path.isfile(path) else f"Invalid image file: {image}"
+
     def load_image(self, image):
-        path = folder_paths.get_annotated_filepath(image)
+        path = paths.input_file(image, "Load Condition Image")
         rgb = torch.from_numpy(decode(path)).float().div(255.0)[None]
         alpha = decode_alpha(path)
         mask = torch.zeros((64, 64)) if alpha is None else 1.0 - torch.from_numpy(alpha).float().div(255.0)

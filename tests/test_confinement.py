@@ -95,6 +95,23 @@ def test_an_empty_folder_name_is_an_error(roots):
         paths.dataset_folder("   ")
 
 
+# --- image names (Load Condition Image) -------------------------------------------------------------------------------
+
+def test_image_names_resolve_inside_their_folder(roots):
+    input_dir, outside = roots
+    assert paths.input_file("pairs/source/item_0000.png", "L") == str(input_dir / "pairs" / "source" / "item_0000.png")
+    for name in ("/etc/hostname", "../x.png", f"../{SECRET}_folder/source/item_0000.png", "escape/source/item_0000.png",
+                 str(outside / "source" / "item_0000.png"), "a\0b.png"):
+        with pytest.raises(CtrLoRAError, match="is outside ComfyUI's input folder; pick or upload an image there"):
+            paths.input_file(name, "Load Condition Image")
+    node = pack.nodes.images.LoadConditionImage
+    assert node.VALIDATE_INPUTS("pairs/source/item_0000.png") is True
+    assert node.VALIDATE_INPUTS("pairs/source/nope.png") == "Invalid image file: pairs/source/nope.png"
+    # Outside, a file that exists and one that does not get the same answer.
+    assert node.VALIDATE_INPUTS(str(outside / "source" / "item_0000.png")) == \
+        node.VALIDATE_INPUTS(str(outside / "source" / "item_9999.png")).replace("item_9999", "item_0000")
+
+
 # --- inside a dataset: links cannot lead out ---------------------------------------------------------------------------
 
 def test_image_and_caption_links_that_lead_outside_are_skipped_naming_only_the_link(roots):
@@ -339,3 +356,21 @@ def test_model_names_outside_the_models_folder_are_refused_by_comfyui(server):
             urllib.request.urlopen(request, timeout=30)
         assert answer.value.code == 400 and "value_not_in_list" in answer.value.read().decode()
     assert written(server) == before
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../../../../etc/hostname", "escape/source/item_0000.png",
+                                  "pairs/source/leak.png"])
+def test_the_server_refuses_condition_images_outside_the_input_folder(server, name):
+    """Load Condition Image refuses before looking: no file outside is read, and whether it exists is not told."""
+    prompt = {"1": {"class_type": "CtrLoRALoadConditionImage", "inputs": {"image": name}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    request = urllib.request.Request(server.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    text = answer.value.read().decode()
+    assert answer.value.code == 400 and "is outside ComfyUI's input folder; pick or upload an image there" in text
+    assert SECRET not in text
+    prompt["1"]["inputs"]["image"] = "pairs/source/item_0000.png"  # inside: loads
+    entry, _ = run(server, prompt)
+    assert entry["status"]["status_str"] == "success", server.explain(json.dumps(entry["status"]))

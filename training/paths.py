@@ -9,6 +9,7 @@ links followed, inside
 
 Anything else is refused before it is looked at: the message repeats what was typed, never whether it exists
 or where a link leads. Inside a dataset, files and links must stay inside the dataset folder (``dataset.py``).
+Image names (Load Condition Image) follow the same rule, from the folder their annotation names (input by default).
 """
 import os
 
@@ -54,4 +55,22 @@ def dataset_folder(folder, label="Train CtrLoRA"):
             f"{label}: the dataset folder {typed!r} is outside ComfyUI's input folder and the folders this server "
             f"allows (a link that leads outside counts as outside). Put the dataset in ComfyUI/input/ and give its "
             f"name (e.g. 'my_pairs'), or ask the server's owner to add its folder to {ALLOWED_ROOTS_ENV}.")
+    return path
+
+
+def input_file(name, label):
+    """The real path of a file a prompt names as Load Image does (``x.png``, ``sub/x.png``, ``x.png [output]``).
+
+    Raises ``CtrLoRAError`` when it resolves outside that folder and the allowed roots."""
+    import folder_paths
+
+    bare, base = folder_paths.annotated_filepath(str(name or ""))
+    base = base or folder_paths.get_input_directory()
+    try:
+        path = os.path.realpath(os.path.join(base, bare))
+    except ValueError:  # a NUL character
+        path = None
+    if path is None or not any(inside(root, path) for root in [os.path.realpath(base)] + allowed_roots()):
+        raise CtrLoRAError(f"{label}: the image {name!r} is outside ComfyUI's input folder; pick or upload an image "
+                           "there.")
     return path
