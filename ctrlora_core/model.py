@@ -33,7 +33,7 @@ def lora_operations(base_ops):
             if down is None:
                 return super().forward(x)
             down, up = down.to(x), up.to(x)
-            rank, tokens = down.shape[0], x.numel() // x.shape[-1]
+            tokens = x.numel() // x.shape[-1]
             # W x + up(down(x)) == (W + up @ down) x: take whichever costs fewer multiplies.
             if tokens * (self.in_features + self.out_features) <= self.in_features * self.out_features:
                 return super().forward(x) + F.linear(F.linear(x, down), up)

@@ -20,23 +20,10 @@ from helpers import apply, control_outputs, sigmas_for
 from training_helpers import (SIZE, base_from_unet, config, core, golden_base, held_out_batch, objective,
                               pretrain_unet, prompt_encoder, tiny_clip, trainer, training, unit_latent_model,
                               write_pairs)
+from training_helpers import dataset, one_thread  # noqa: F401 (fixtures)
 
 CtrLoRAError = core.CtrLoRAError
 Interrupted = comfy.model_management.InterruptProcessingException
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and lose a lot when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return write_pairs(str(tmp_path / "data"), 8)
 
 
 @pytest.fixture

@@ -7,36 +7,10 @@ import safetensors.torch
 import torch
 
 import tiny
-from training_helpers import config, core, golden_base, trainer, training, write_pairs
+from training_helpers import Recorder, config, core, golden_base, trainer
+from training_helpers import dataset, one_thread  # noqa: F401 (fixtures)
 
 CtrLoRAError = core.CtrLoRAError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return write_pairs(str(tmp_path / "data"), 8)
-
-
-class Recorder(training.ComfyReporter):
-    """Keeps every event the node would send (as JSON would carry it) and every preview."""
-
-    def __init__(self):
-        super().__init__(output="cond", min_interval=0.0)
-        self.events, self.previews = [], []
-
-    def _send(self, data):
-        self.events.append(json.loads(json.dumps(data, allow_nan=False)))
-
-    def preview(self, step, total, image):
-        self.previews.append((step, tuple(image.shape)))
 
 
 def failing_at(objective, step, error):

@@ -9,20 +9,13 @@ import torch
 
 import tiny
 from conftest import pack
-from training_helpers import SIZE, config, core, golden_base, trainer, training, write_pairs
+from training_helpers import SIZE, Recorder, config, core, golden_base, trainer, training, write_pairs
+from training_helpers import one_thread  # noqa: F401 (fixture)
 
 CtrLoRAError = core.CtrLoRAError
 validation = importlib.import_module(f"{pack.__name__}.training.validation")
 schedule = importlib.import_module(f"{pack.__name__}.training.schedule")
 previews = importlib.import_module(f"{pack.__name__}.training.previews")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -33,19 +26,6 @@ def dataset(tmp_path):
 @pytest.fixture
 def out(tmp_path):
     return tmp_path / "out"
-
-
-class Recorder(training.ComfyReporter):
-    def __init__(self):
-        super().__init__(output="cond", min_interval=10.0)
-        self.events, self.previews = [], []
-
-    def _send(self, data):
-        self.events.append(json.loads(json.dumps(data, allow_nan=False)))
-
-    def preview(self, step, total, image):
-        super().preview(step, total, image)
-        self.previews.append((step, tuple(image.shape)))
 
 
 @pytest.mark.parametrize("total, fraction, expected", [(10, 0.05, 1), (1000, 0.05, 8), (100, 0.05, 5), (1, 0.5, 0),

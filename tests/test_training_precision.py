@@ -13,16 +13,12 @@ import comfy.model_patcher
 
 import tiny
 from conftest import pack
-from training_helpers import config, core, golden_base, trainer, write_pairs
+from training_helpers import config, core, golden_base, trainer
+from training_helpers import dataset, one_thread  # noqa: F401 (fixtures)
 
 precision = importlib.import_module(f"{pack.__name__}.training.precision")
 
 STEPS = 6
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return write_pairs(str(tmp_path / "data"), 8)
 
 
 def half_model(dtype, source):
@@ -53,14 +49,6 @@ def half_base(dtype, monkeypatch):
 def fp32_base_from(base):
     tensors = {k: v.float() for k, v in base.model.state_dict().items()}
     return core.base.base_from_tensors(tensors, base.name, dtype=torch.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def moved(path, start):

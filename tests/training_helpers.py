@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import safetensors.torch
 import torch
 from PIL import Image
@@ -153,3 +154,34 @@ def held_out_batch(data, repeats=4, seed=123):
     timesteps = torch.linspace(0, 999, count).round().long()
     noise = torch.randn(data.targets.shape, generator=torch.Generator().manual_seed(seed))
     return data, timesteps, noise
+
+
+# --- fixtures and a reporter shared by the training test files (import them by name) ----------------------------------
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and lose a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_pairs(str(tmp_path / "data"), 8)
+
+
+class Recorder(training.ComfyReporter):
+    """Keeps every event the node would send (as JSON carries it: a NaN would fail here) and every preview."""
+
+    def __init__(self):
+        super().__init__(output="cond", min_interval=10.0)
+        self.events, self.previews = [], []
+
+    def _send(self, data):
+        self.events.append(json.loads(json.dumps(data, allow_nan=False)))
+
+    def preview(self, step, total, image):
+        super().preview(step, total, image)
+        self.previews.append((step, tuple(image.shape)))

@@ -91,15 +91,6 @@ class TrainConfig:
                 f"gradient_checkpointing {'off' if self.gradient_checkpointing else 'on'}")
 
 
-@dataclasses.dataclass
-class TrainResult:
-    condition: Condition
-    path: str
-    steps: int
-    losses: list
-    report: str
-
-
 def check_resolution(model, vae, resolution, label):
     """Training images must survive the VAE's and the UNet's downsampling whole."""
     unet_config = model.model.model_config.unet_config
