@@ -114,7 +114,8 @@ class ApplyCtrLoRA:
 
     def apply(self, positive, negative, condition, condition_latent, strength, start_percent, end_percent):
         check_latent_family(condition, condition_latent.get(LATENT_FAMILY_KEY))
-        warning = foreign_latent_warning(condition_latent, LATENT_FAMILY_KEY)
+        # (CtrLoRA-XL encodes in [-1, 1] as VAE Encode does: only SD1.5 conditions need VAE Condition Encode.)
+        warning = condition.base.family == "sd15" and foreign_latent_warning(condition_latent, LATENT_FAMILY_KEY)
         if warning:  # it still runs: a hand-made latent may be meant
             warn_on_node(f"Apply CtrLoRA ({condition.name}): {warning}")
         return apply_control(positive, negative, condition, condition_latent["samples"],

@@ -34,7 +34,17 @@ INPAINTING_BRUSH = "ctrlora_sd15_basecn700k_inpainting_brush_rank128_1kimgs_1kst
 SD15_MODEL = {"name": SD15, "directory": "checkpoints",
               "url": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/" + SD15}
 CTRLORA_URL = "https://huggingface.co/xyfJASON/ctrlora"
-PLACEHOLDERS = {"checkpoints": [SD15, COMMUNITY], "ctrlora": [BASE, CANNY, LINEART, PALETTE, INPAINTING_BRUSH]}
+# CtrLoRA-XL (the SDXL port): its README names the base; the canny condition is built into the base file.
+SDXL = "sd_xl_base_1.0.safetensors"
+SDXL_MODEL = {"name": SDXL, "directory": "checkpoints",
+              "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + SDXL}
+XL_BASE = "ctrlora-xl-base.safetensors"
+XL_CANNY = f"{XL_BASE}:canny"
+XL_URL = "https://huggingface.co/Savlim/CtrLoRA-XL"
+PLACEHOLDERS = {"checkpoints": [SD15, COMMUNITY, SDXL],
+                "ctrlora": [BASE, CANNY, LINEART, PALETTE, INPAINTING_BRUSH, XL_BASE]}
+# A real XL base file in place of the empty placeholder, so that Load CtrLoRA lists its built-in ':canny'.
+XL_BASE_PLACEHOLDER = os.path.join(ROOT, "tests", "data", "golden_xl_tiny", "base.safetensors")
 with open(os.path.join(ROOT, "ctrlora_core", "catalogue.json"), encoding="utf-8") as catalogue_file:
     CATALOGUE = json.load(catalogue_file)
 
@@ -88,12 +98,14 @@ def layout(nodes, links):
     return {"nodes": [n for n in nodes if n["type"] != "PreviewImage"] + previews, "links": links}
 
 
-def sampling_nodes(col, prefix, positive_link, negative_link, model_link, vae_link):
-    """KSampler with the official settings (DDIM, 20 steps, cfg 7.5), 512x512 latent, decode, save."""
+def sampling_nodes(col, prefix, positive_link, negative_link, model_link, vae_link, size=512,
+                   sampler=("ddim", "ddim_uniform")):
+    """KSampler with the official settings (DDIM, 20 steps, cfg 7.5), 512x512 latent, decode, save (CtrLoRA-XL:
+    ``size`` 1024 and ``sampler`` UniPC, as the port's app)."""
     nodes = [
-        node("latent", "EmptyLatentImage", col, {"width": 512, "height": 512, "batch_size": 1}, width=260),
+        node("latent", "EmptyLatentImage", col, {"width": size, "height": size, "batch_size": 1}, width=260),
         node("sampler", "KSampler", col, {"seed": 0, "control_after_generate": "fixed", "steps": 20, "cfg": 7.5,
-                                          "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0},
+                                          "sampler_name": sampler[0], "scheduler": sampler[1], "denoise": 1.0},
              width=300),
         node("decode", "VAEDecode", col + 1),
         node("save", "SaveImage", col + 1, {"filename_prefix": prefix}, width=400),
@@ -106,16 +118,17 @@ def sampling_nodes(col, prefix, positive_link, negative_link, model_link, vae_li
     return nodes, links
 
 
-def single_condition(checkpoint, prefix, positive, negative, read_me, checkpoint_models=None):
-    """Image -> 512x512 -> Canny -> VAE Condition Encode; base + canny LoRA; Apply CtrLoRA; sample."""
+def single_condition(checkpoint, prefix, positive, negative, read_me, checkpoint_models=None, lora=CANNY, xl=False):
+    """Image -> 512x512 (XL: 1024) -> Canny -> VAE Condition Encode; base + canny LoRA; Apply CtrLoRA; sample."""
+    size = 1024 if xl else 512
     make_nodes = [
         node("image", "LoadImage", 2, {"image": "example.png"}, title="Load Image (your picture)", width=330),
-        scale("scale", 2, "Resize to 512x512", "lanczos", 512, "center"),
+        scale("scale", 2, f"Resize to {size}x{size}", "lanczos", size, "center"),
         node("canny", "Canny", 2, CANNY_THRESHOLDS, title="Canny edge map", width=300),
     ]
     make_links = [("image", "IMAGE", "scale", "image"), ("scale", "IMAGE", "canny", "image")]
-    return one_condition(read_me, prefix, positive, negative, CANNY, make_nodes, make_links, ("canny", "IMAGE"),
-                         checkpoint=checkpoint, checkpoint_models=checkpoint_models)
+    return one_condition(read_me, prefix, positive, negative, lora, make_nodes, make_links, ("canny", "IMAGE"),
+                         checkpoint=checkpoint, checkpoint_models=checkpoint_models, xl=xl)
 
 
 def canny_sd15():
@@ -223,9 +236,11 @@ def style_transfer():
 
 
 def one_condition(read_me, prefix, positive, negative, lora, make_nodes, make_links, condition_output,
-                  checkpoint=SD15, checkpoint_models=(SD15_MODEL,)):
+                  checkpoint=SD15, checkpoint_models=(SD15_MODEL,), xl=False):
     """Checkpoint, prompts, base + ``lora``, the condition image made by ``make_nodes`` (column 2, its output
-    ``condition_output`` = (key, slot)), VAE Condition Encode, Apply CtrLoRA (1.0), sample; a preview of the map."""
+    ``condition_output`` = (key, slot)), VAE Condition Encode, Apply CtrLoRA (1.0), sample; a preview of the map.
+    ``xl``: CtrLoRA-XL's base, SDXL encoding and the port's sampling; no download locations (its model page's
+    listing could not be checked)."""
     nodes = [
         note("note", 0, read_me),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": checkpoint}, width=330,
@@ -233,9 +248,10 @@ def one_condition(read_me, prefix, positive, negative, lora, make_nodes, make_li
         node("positive", "CLIPTextEncode", 1, {"text": positive}, title="Positive prompt", width=400),
         node("negative", "CLIPTextEncode", 1, {"text": negative}, title="Negative prompt", width=400),
         *make_nodes,
-        node("base", "CtrLoRALoadBase", 3, {"base_name": BASE}, width=380, models=released(BASE)),
-        node("lora", "CtrLoRALoad", 3, {"lora_name": lora}, width=380, models=released(lora)),
-        node("encode", "CtrLoRAVAEConditionEncode", 3, width=380),
+        node("base", "CtrLoRALoadBase", 3, {"base_name": XL_BASE if xl else BASE}, width=380,
+             models=None if xl else released(BASE)),
+        node("lora", "CtrLoRALoad", 3, {"lora_name": lora}, width=380, models=None if xl else released(lora)),
+        node("encode", "CtrLoRAVAEConditionEncode", 3, {"model_family": "SDXL"} if xl else {}, width=380),
         node("apply", "CtrLoRAApply", 3, apply_widgets(1.0), width=380),
         node("preview", "PreviewImage", 5, title="Condition image", width=400),
     ]
@@ -247,9 +263,32 @@ def one_condition(read_me, prefix, positive, negative, lora, make_nodes, make_li
         ("positive", "CONDITIONING", "apply", "positive"), ("negative", "CONDITIONING", "apply", "negative"),
         ("lora", "condition", "apply", "condition"), ("encode", "condition_latent", "apply", "condition_latent"),
     ]
+    sampling = {"size": 1024, "sampler": ("uni_pc", "normal")} if xl else {}
     sample_nodes, sample_links = sampling_nodes(4, prefix, ("apply", "positive"), ("apply", "negative"),
-                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"))
+                                                ("checkpoint", "MODEL"), ("checkpoint", "VAE"), **sampling)
     return layout(nodes + sample_nodes, links + sample_links)
+
+
+def canny_sdxl():
+    read_me = (
+        "CtrLoRA-XL: one condition (canny) with SDXL\n\n"
+        "CtrLoRA-XL is the community port of CtrLoRA to SDXL (github.com/limerenceaid/CtrLoRA-XL): the same nodes, "
+        "an SDXL checkpoint and the port's base file.\n"
+        "1. Pick your picture in Load Image (any size; it is resized to 1024x1024).\n"
+        "2. ComfyUI's Canny node turns it into an edge map (shown on the right), with the port's thresholds 100/200 "
+        "(0.392/0.784 on its 0-1 scale).\n"
+        "3. VAE Condition Encode, with model_family SDXL, encodes that map with the SDXL checkpoint's VAE (the image "
+        "in [-1, 1], as the port does). Load CtrLoRA takes the canny condition built into the base file "
+        f"({XL_CANNY}); Apply CtrLoRA adds it to both prompts (strength 1.0).\n"
+        "4. Run. The port's settings: UniPC, 20 steps, cfg 7.5, 1024 px.\n\n"
+        "The conditions built into the base file are inferred from the port's code (canny, depth, openpose, ...): if "
+        "Load CtrLoRA does not list ':canny' for your file, pick a condition it lists, or a CtrLoRA-XL LoRA file "
+        "(with the matching condition image).\n\n"
+        + models_section(f"models/checkpoints/{SDXL} (or any SDXL model)", f"models/ctrlora/{XL_BASE}")
+        + f"\nCtrLoRA-XL files: {XL_URL}"
+    )
+    return single_condition(SDXL, "ctrlora/canny_sdxl", f"{SUBJECT}, {POSITIVE_GENERAL}", NEGATIVE_GENERAL,
+                            read_me, checkpoint_models=[SDXL_MODEL], lora=XL_CANNY, xl=True)
 
 
 def inpainting():
@@ -386,6 +425,7 @@ WORKFLOWS_TO_BUILD = {
     "ctrlora-5-train-then-apply": train_then_apply,
     "ctrlora-6-inpainting-mask-editor": inpainting,
     "ctrlora-7-palette-recolour": palette_recolour,
+    "ctrlora-8-canny-sdxl": canny_sdxl,
 }
 
 BUILD_JS = """async (spec) => {
@@ -458,6 +498,7 @@ def thumbnail(comfy, workflow, path):
 def main(names):
     names = names or list(WORKFLOWS_TO_BUILD)
     models = {folder: {name: None for name in files} for folder, files in PLACEHOLDERS.items()}
+    models["ctrlora"][XL_BASE] = XL_BASE_PLACEHOLDER
     with tempfile.TemporaryDirectory(prefix="ctrlora-build-") as tmp, \
             running_server(pathlib.Path(tmp), models=models) as server, \
             chromium_page(viewport=THUMBNAIL_VIEWPORT) as page:

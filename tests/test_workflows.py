@@ -2,8 +2,9 @@
 
 The model files each workflow names are full-size SD1.5-shaped stand-ins with random weights
 (tests/sd15_standins.py), made once per session: the SD1.5 checkpoint (also under the community checkpoint's name),
-the Base ControlNet and rank-128 LoRAs under the released file names; the training workflows get a few generated
-pairs in the input folder. ComfyUI's page loads each UI workflow
+the Base ControlNet and rank-128 LoRAs under the released file names; the SDXL workflow gets smaller SDXL-family
+stand-ins (tests/sdxl_standins.py: a Segmind-Vega-shaped SDXL checkpoint and a CtrLoRA-XL base made from it); the
+training workflows get a few generated pairs in the input folder. ComfyUI's page loads each UI workflow
 (no missing nodes), the frontend's own ``app.graphToPrompt()`` makes the API prompt that 'Run' would queue, every
 link is checked against /object_info, only resolution and step count are made small (64 px, 1 step) so that CPU
 CI can afford it (training: 2 steps), and the prompt is queued for the page's client: it must finish with success
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 import sd15_standins
+import sdxl_standins
 from ui_host import comfy_page, load_workflows, running_server
 
 WORKFLOWS = load_workflows()
@@ -25,9 +27,13 @@ CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "realisticVisionV60B1_v51VAE.s
 BASE = "ctrlora_sd15_basecn700k.ckpt"
 with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ctrlora_core", "catalogue.json")) as f:
     RELEASED = json.load(f)["files"]
-# {released LoRA the workflows name: its condition}
-LORAS = {entry["file"]: entry["condition"] for entry in RELEASED
+# {released LoRA the workflows name: (its condition, rank, number of keys) as Load CtrLoRA reports them}
+LORAS = {entry["file"]: (entry["condition"], 128, 246) for entry in RELEASED
          if entry["kind"] == "lora" and any(entry["file"] in json.dumps(w) for w in WORKFLOWS.values())}
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+XL_BASE = "ctrlora-xl-base.safetensors"
+# The canny condition built into the XL base stand-in: q/k/v of 7 transformer blocks x 2 attentions, A and B each.
+LORAS[f"{XL_BASE}:canny"] = ("canny", sdxl_standins.ADAPTER_RANK, 84)
 SIZE = 64  # px: an 8x8 latent
 STEPS = 1
 TRAIN_STEPS = 2
@@ -41,7 +47,10 @@ def stand_ins(tmp_path_factory):
     sd15 = sd15_standins.write_sd15_checkpoint(folder / "sd15.safetensors")
     files = {"checkpoints": {name: str(sd15) for name in CHECKPOINTS},
              "ctrlora": {BASE: str(sd15_standins.write_ctrlora_base(folder / "base.ckpt"))}}
-    for seed, name in enumerate(LORAS, start=10):
+    # SDXL-family stand-ins (a full-size SDXL does not fit CI): see tests/sdxl_standins.py.
+    files["checkpoints"][SDXL_CHECKPOINT] = str(sdxl_standins.write_sdxl_checkpoint(folder / "sdxl.safetensors"))
+    files["ctrlora"][XL_BASE] = str(sdxl_standins.write_ctrlora_xl_base(folder / XL_BASE))
+    for seed, name in enumerate((n for n in LORAS if not n.startswith(XL_BASE)), start=10):
         files["ctrlora"][name] = str(sd15_standins.write_ctrlora_lora(folder / name, seed=seed))
     return files
 
@@ -149,15 +158,16 @@ def test_workflow_runs_as_shipped(name, server, comfy):
     for node_id, node in _of_type(prompt, "CtrLoRALoad").items():
         info = entry["outputs"][node_id]["ctrlora_lora"][0]
         lora_name = node["inputs"]["lora_name"]
-        assert info == {**info, "file": lora_name, "condition": LORAS[lora_name], "rank": 128, "keys": 246}
+        condition, rank, keys = LORAS[lora_name]
+        assert info == {**info, "file": lora_name, "condition": condition, "rank": rank, "keys": keys}
         comfy.page.wait_for_function(
             "(id) => window.app.graph.getNodeById(id)?.widgets?.some((w) => w.name === 'ctrlora_info' && w.value)",
             arg=int(node_id), timeout=10_000)
         shown_text = comfy.evaluate(
             "(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'ctrlora_info').value",
             int(node_id))
-        assert f"{LORAS[lora_name]} · rank 128" in shown_text and "246 keys" in shown_text
-        assert f"Condition image: {LORAS[lora_name]}: use " in shown_text  # what the released file expects
+        assert f"{condition} · rank {rank}" in shown_text and f"{keys} keys" in shown_text
+        assert f"Condition image: {condition}: use " in shown_text  # what the released file expects
     # Training writes its LoRA, reports, and the page drew the run's loss curve from the real events.
     for node_id, node in trainers.items():
         written = f"{node['inputs']['output_name']}.safetensors"
