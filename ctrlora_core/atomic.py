@@ -17,8 +17,8 @@ import ctypes.util
 import errno
 import functools
 import os
+import secrets
 import sys
-import tempfile
 
 TEMP_PREFIX = ".partial-"  # hidden, and without a model extension: model lists never offer a temporary file
 # Errors that mean "this filesystem (or OS) cannot do that here", as opposed to a real failure.
@@ -45,8 +45,7 @@ def write_replace(path, write):
 def _write(path, write, publish):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-    os.close(fd)
+    temp = _new_temp(folder)
     try:
         write(temp)
         _fsync_file(temp)
@@ -55,6 +54,17 @@ def _write(path, write, publish):
         if os.path.lexists(temp):
             os.unlink(temp)
     _fsync_folder(folder)
+
+
+def _new_temp(folder):
+    """An empty temporary file, with the permissions a new file gets here (mkstemp's would be owner-only)."""
+    while True:
+        temp = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
 
 
 def _publish_new(temp, path):
@@ -69,7 +79,7 @@ def _publish_new(temp, path):
     if _rename_no_replace(temp, path):
         return
     # Last resort: reserve the name exclusively, then put the finished file in its place.
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         os.replace(temp, path)
     except BaseException:

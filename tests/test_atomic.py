@@ -61,6 +61,9 @@ def test_a_new_file_is_written_whole_and_leaves_no_temporary_file(tmp_path, file
     atomic.write_new(str(tmp_path / "new.safetensors"), write_bytes(b"x" * 1000))
     assert (tmp_path / "new.safetensors").read_bytes() == b"x" * 1000
     assert listing(tmp_path) == ["new.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "new.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not 0600
 
 
 def test_an_existing_file_is_never_overwritten(tmp_path, filesystem):
