@@ -243,6 +243,14 @@ def test_vae_condition_encode_sdxl_sees_minus_one_to_one():
     assert not torch.allclose(xl["samples"], sd15["samples"], atol=1e-3)
 
 
+def test_vae_encode_latent_is_taken_without_warning_for_xl(xl_files, caplog):
+    """ComfyUI's VAE Encode encodes in [-1, 1] as the port does: only SD1.5 conditions warn about it."""
+    (base,) = nodes.LoadBaseControlNet().load("base.safetensors")
+    condition = load_lora(base, "lora_palette.safetensors")
+    nodes.ApplyCtrLoRA().apply(conditioning(), conditioning(), condition, {"samples": INPUTS["hint1"]}, 1.0, 0.0, 1.0)
+    assert "VAE Condition Encode" not in caplog.text
+
+
 def test_full_size_xl_layout_loads_on_meta():
     """The port's base file layout at SDXL size (the port's from_unet of ComfyUI's SDXL UNet: channels
     320/640/1280, transformer depths 2 and 10, context 2048, y 2816, one embedded rank-64 adapter), built on the
