@@ -30,4 +30,7 @@ def how_to_make(condition):
 
 
 def download_url(entry):
-    return catalogue()["download"].format(path=entry["path"])
+    """Where the file downloads from (its page's ``resolve/main/<path>``), or None where its path is not known."""
+    if not entry["path"]:
+        return None
+    return f"{entry.get('page', catalogue()['page'])}/resolve/main/{entry['path']}"

@@ -58,7 +58,7 @@ def describe_lora(path, rank, num_keys):
     if trained:
         info["trained"] = trained
     released = catalogue.released_file(path)
-    if released:
+    if released and released["kind"] == "lora":
         info["released"] = (f"released {released['set']}-condition LoRA, {released['training']}; "
                             f"recommended strength {released['strength']}")
     elif metadata:

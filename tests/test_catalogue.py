@@ -11,7 +11,6 @@ from conftest import pack
 from helpers import nodes, write_lora
 
 catalogue = pack.ctrlora_core.catalogue
-xl_checkpoint = pack.ctrlora_core.xl.checkpoint
 info = pack.ctrlora_core.info
 preprocess_nodes = pack.nodes.preprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +21,9 @@ CONDITIONS = catalogue.catalogue()["conditions"]
 def test_every_file_is_named_as_the_official_naming_says():
     assert len({f["file"] for f in FILES}) == len(FILES)
     for entry in FILES:
+        if entry["family"] == "sdxl":
+            assert entry["kind"] == "base" and entry["path"] is None and entry["verified"].startswith("not verified")
+            continue
         assert entry["path"].endswith("/" + entry["file"])
         if entry["kind"] == "base":
             assert entry["path"].startswith("ctrlora-basecn/")
@@ -43,6 +45,7 @@ def test_the_files_the_official_readme_and_workflows_use_are_in_and_the_unreleas
     assert "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt" not in names
     assert catalogue.download_url(catalogue.released_file("ctrlora_sd15_basecn700k.ckpt")) == (
         "https://huggingface.co/xyfJASON/ctrlora/resolve/main/ctrlora-basecn/ctrlora_sd15_basecn700k.ckpt")
+    assert catalogue.download_url(catalogue.released_file("ctrlora-xl-base.safetensors")) is None
 
 
 def test_every_pack_node_a_condition_names_exists_with_that_method():
@@ -99,11 +102,13 @@ def test_workflows_name_only_released_files_or_their_own_outputs(path):
         workflow = json.load(f)
     named, trained = _workflow_files(workflow)
     for name in named - trained:
-        if name.split(":")[0] == xl_checkpoint.RELEASED_BASE:
-            continue  # CtrLoRA-XL's base, named by the port's README: its model page's listing is unknown, no download
+        node = next(n for n in workflow["nodes"] if (n.get("widgets_values") or [None])[0] == name)
+        name, _, embedded = name.partition(":")  # '<base file>:<condition>': a condition built into an XL base
         entry = catalogue.released_file(name)
         assert entry is not None, f"{os.path.basename(path)} names {name}, which was never released"
-        node = next(n for n in workflow["nodes"] if (n.get("widgets_values") or [None])[0] == name)
+        assert not embedded or embedded in entry.get("embedded", []), f"{name} has no built-in {embedded}"
+        if embedded or catalogue.download_url(entry) is None:
+            continue  # no download location is known (CtrLoRA-XL's page is not listed)
         # The frontend offers the download of a missing file from the node's model list.
         assert {"name": name, "url": catalogue.download_url(entry), "directory": "ctrlora"} in (
             node.get("properties", {}).get("models") or []), f"{name}: no download location on its node"

@@ -15,12 +15,12 @@ from tiny import GOLDEN
 from ui_host import EXTENSION_URL, comfy_page, load_workflows, running_server
 
 WORKFLOWS = load_workflows()
-PLACEHOLDERS = {
-    "checkpoints": ["v1-5-pruned-emaonly.safetensors", "realisticVisionV60B1_v51VAE.safetensors"],
-    "ctrlora": ["ctrlora_sd15_basecn700k.ckpt", "ctrlora_sd15_basecn700k_canny_rank128.ckpt",
-                "ctrlora_sd15_basecn700k_lineart_rank128_1kimgs_1ksteps.ckpt",
-                "ctrlora_sd15_basecn700k_palette_rank128_1kimgs_1ksteps.ckpt"],
-}
+LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CtrLoRALoadBase": "ctrlora", "CtrLoRALoad": "ctrlora"}
+# Every file the workflows' loaders name ('<XL base>:<condition>' is a condition inside the base file).
+PLACEHOLDERS = {folder: sorted({node["widgets_values"][0] for workflow in WORKFLOWS.values()
+                                for node in workflow["nodes"] if LOADER_FOLDERS.get(node["type"]) == folder
+                                and ":" not in node["widgets_values"][0]})
+                for folder in ("checkpoints", "ctrlora")}
 TRAIN_EVENT = "ctrlora.train.progress"
 SEARCHABLE = {**NODES, "CtrLoRATrain": "Train CtrLoRA"}
 
