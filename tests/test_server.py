@@ -41,6 +41,8 @@ def _free_port():
 
 
 class Server:
+    device_args = ("--cpu",)  # the tests run on the CPU; bench/bench_soak.py may clear it for a GPU
+
     def __init__(self, root):
         self.root = root
         self.port = _free_port()
@@ -93,7 +95,7 @@ class Server:
     def launch(self, config, base, *extra_args):
         """Starts main.py with the model paths file ``config`` and base directory ``base``; waits until it answers."""
         command = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--extra-model-paths-config", str(config),
             "--base-directory", str(base), "--output-directory", str(self.output_dir),
             # A file database: an in-memory one logs SQLite cross-thread errors in this host.
