@@ -315,6 +315,23 @@ def test_an_error_from_a_pack_node_is_shown_on_that_node(server, comfy):
     assert not _node_widget_value(comfy, 3, "ctrlora_notice")
 
 
+def test_a_warning_from_a_pack_node_is_shown_on_it_until_the_next_run(server, comfy):
+    foreign = tiny_graph()  # ComfyUI's VAE Encode instead of VAE Condition Encode: it runs, Apply CtrLoRA warns
+    foreign["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 3]}}
+    entry = _run_in_page(comfy, server, foreign, "tiny-vae-encode")
+    assert entry["status"]["status_str"] == "success", server.explain(str(entry["status"]))
+    comfy.page.wait_for_function(
+        "() => (window.app.graph.getNodeById(6)?.widgets?.find((w) => w.name === 'ctrlora_notice')?.value ?? '')"
+        ".startsWith('Warning: Apply CtrLoRA (lora0.ckpt): its condition latent does not come from VAE Condition')",
+        timeout=10_000)
+    comfy.screenshot("ui-node-warning.png", clip=comfy.fit_view(type_prefix="CtrLoRAApply", padding=60))
+    # The next run, with VAE Condition Encode's latent, clears it from the same node and adds nothing.
+    entry = server.wait(server.queue(tiny_graph(), client_id=comfy.client_id), 120)
+    assert entry["status"]["status_str"] == "success"
+    comfy.page.wait_for_timeout(500)
+    assert not _node_widget_value(comfy, 6, "ctrlora_notice")
+
+
 def test_a_model_file_missing_from_the_models_folder_is_named_on_the_node(comfy):
     comfy.close_dialogs()
     name = "ctrlora-1-canny-sd15.json"
