@@ -62,4 +62,3 @@ def test_a_condition_of_another_aspect_is_centre_cropped_not_stretched(golden_fi
     centre = control_outputs(positive, model, sigmas_for(model, torch.tensor([999, 500])), context)
     for x, y in zip(got, centre):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
-
