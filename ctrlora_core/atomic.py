@@ -42,6 +42,15 @@ def write_replace(path, write):
     _write(path, write, os.replace)
 
 
+def remove_leftovers(folder):
+    """Removes the temporary files a killed writer left in ``folder``. Only where no other writer can be at work
+    (one training run owns its run folder)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(TEMP_PREFIX):
+                os.unlink(os.path.join(folder, name))
+
+
 def _write(path, write, publish):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

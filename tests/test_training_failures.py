@@ -72,3 +72,19 @@ def test_a_base_stripped_of_its_norms_does_not_seed_a_new_condition(dataset, tmp
     result = trainer(tiny.tiny_model(), stripped, tiny.tiny_vae(), dataset, tmp_path / "out", "cond",
                      config=config(steps=1), start_from=tiny.GOLDEN + "/lora0.ckpt").run()
     assert os.path.exists(result.path)
+
+
+def test_a_save_left_unfinished_by_a_killed_process_does_not_block_the_resume(dataset, tmp_path):
+    """SIGKILL during a save leaves a hidden temporary file in the run folder; the next run removes it and resumes."""
+    out = tmp_path / "out"
+    run = trainer(tiny.tiny_model(), golden_base(), tiny.tiny_vae(), dataset, out, "cond",
+                  config=config(steps=4, save_every=2, validation_fraction=0))
+    run.prepare()
+    failing_at(run.objective, 3, RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
+        run.run()
+    leftover = out / "cond.train" / ".partial-0123456789abcdef"
+    leftover.write_bytes(b"half a state")
+    resumed = trainer(tiny.tiny_model(), golden_base(), tiny.tiny_vae(), dataset, out, "cond",
+                      config=config(steps=4, save_every=2, validation_fraction=0)).run()
+    assert resumed.steps == 4 and "resumed at step 2" in resumed.report and not leftover.exists()

@@ -17,6 +17,7 @@ import torch
 import comfy.model_management
 
 from ..ctrlora_core import Condition, ConditionAdapter, CtrLoRAError, encode_condition
+from ..ctrlora_core.atomic import remove_leftovers
 from ..ctrlora_core.checkpoint import load_state_dict, save_lora_file
 from . import state as run_state
 from .checkpointing import checkpoint_targets, gradient_checkpointing
@@ -429,6 +430,7 @@ class Trainer:
         if os.path.lexists(self.output_path):
             self.reused = run_state.reuse_output(self.output_path, self.run_config(), self.fingerprint, LABEL)
             return
+        remove_leftovers(self.run_folder)  # of a save a killed process did not finish
         saved = self._saved_run()
         self._check_run_folder(saved)
         self.objective = NoisePrediction(self.model, self.base)

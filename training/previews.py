@@ -18,6 +18,7 @@ from PIL import Image
 import comfy.sample
 
 from ..ctrlora_core import Condition, ConditionAdapter, apply_control
+from ..ctrlora_core.atomic import write_replace
 
 MAX_ITEMS = 2
 _STRIP = re.compile(r"step(\d+)\.png$")
@@ -118,4 +119,5 @@ def _fit(image, height, width):
 
 
 def _save_png(image, path):
-    Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(path)
+    picture = Image.fromarray((image.numpy() * 255).round().astype(np.uint8))
+    write_replace(path, lambda temp: picture.save(temp, format="PNG"))
