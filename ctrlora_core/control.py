@@ -21,11 +21,25 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         self.hint = None  # the condition latent as the ControlNet sees it, for the current latent size
 
     def pre_run(self, model, percent_to_timestep_function):
+        self.check_model(model)
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling = model.model_sampling
         # The hint enters the ControlNet like any latent enters the UNet (SD1.5: x 0.18215).
         self.model_latent_format = model.latent_format
         self.condition.base.model.set_attention_heads(model.model_config.unet_config)
+
+    def check_model(self, model):
+        """Refuses a sampled model of another family than the base (e.g. SDXL with an SD1.5 base): its text
+        context has another width."""
+        base = self.condition.base
+        context = next(m.to_k.in_features for n, m in base.model.named_modules() if n.endswith("attn2"))
+        sampled = model.model_config.unet_config.get("context_dim")
+        if sampled != context:
+            family = "an SD1.5 CtrLoRA" if base.family == "sd15" else "a CtrLoRA-XL (SDXL)"
+            raise CtrLoRAError(
+                f"Apply CtrLoRA ({self.condition.name}): {base.name} is {family} base (text context {context}), but the "
+                f"sampled model is {type(model.model_config).__name__} (text context {sampled}). Sample with a "
+                f"checkpoint of the base's family, or use the base made for this checkpoint's family.")
 
     def hint_for(self, x_noisy, batched_number, transformer_options=None):
         latent = self.cond_hint_original

@@ -305,6 +305,16 @@ def test_xl_base_with_sd15_checkpoint_is_refused_when_sampling(xl_files):
         control.pre_run(model.model, lambda p: p)
 
 
+def test_sd15_base_with_sdxl_checkpoint_is_refused_when_sampling(xl_files):
+    shutil.copy(os.path.join(GOLDEN, "base.ckpt"), xl_files / "sd15_base.ckpt")
+    shutil.copy(os.path.join(GOLDEN, "lora0.ckpt"), xl_files / "lora0.ckpt")
+    (base,) = nodes.LoadBaseControlNet().load("sd15_base.ckpt")
+    positive, _ = apply(conditioning(), conditioning(), load_lora(base, "lora0.ckpt"), torch.zeros(1, 4, 8, 8))
+    with pytest.raises(core.CtrLoRAError, match=r"is an SD1.5 CtrLoRA base \(text context 32\), but the sampled "
+                                                r"model is TinySDXL \(text context 64\)"):
+        positive[0][1]["control"].pre_run(tiny_xl_model().model, lambda p: p)
+
+
 def test_latent_of_the_other_family_is_refused(xl_files):
     (base,) = nodes.LoadBaseControlNet().load("base.safetensors")
     condition = load_lora(base, "lora_palette.safetensors")

@@ -11,9 +11,17 @@ LATENT_FAMILY_KEY = "ctrlora_family"  # set by VAE Condition Encode in its LATEN
 
 
 class XLControl(CtrLoRAControl):
-    def pre_run(self, model, percent_to_timestep_function):
-        check_sampled_model(model, self.condition)
-        super().pre_run(model, percent_to_timestep_function)
+    def check_model(self, model):
+        """Refuses a sampled model that is not SDXL-shaped (an SD1.5 checkpoint, most likely): SDXL's y first."""
+        unet = model.model_config.unet_config
+        adm = self.condition.base.model.label_emb[0][0].in_features
+        if unet.get("adm_in_channels") != adm:
+            raise CtrLoRAError(
+                f"Apply CtrLoRA ({self.condition.name}): {self.condition.base.name} is a CtrLoRA-XL base and "
+                f"controls SDXL checkpoints, but the sampled model is {type(model.model_config).__name__} (its extra "
+                f"conditioning has {unet.get('adm_in_channels')} channels, the base's {adm}). Load an SDXL "
+                "checkpoint, or use an SD1.5 CtrLoRA base and LoRAs with this model.")
+        super().check_model(model)
 
     def run_condition(self, x_noisy, t, cond, hint):
         if cond.get("y") is None:
@@ -26,18 +34,6 @@ class XLControl(CtrLoRAControl):
         x = self.model_sampling.calculate_input(t, x_noisy).to(dtype)
         timesteps = self.model_sampling.timestep(t).to(dtype)
         return self.condition(x, hint, timesteps, context, y)
-
-
-def check_sampled_model(model, condition):
-    """Refuses a sampled model that is not SDXL-shaped for this base (an SD1.5 checkpoint, most likely)."""
-    unet = model.model_config.unet_config
-    adm = condition.base.model.label_emb[0][0].in_features
-    if unet.get("adm_in_channels") != adm:
-        raise CtrLoRAError(
-            f"Apply CtrLoRA ({condition.name}): {condition.base.name} is a CtrLoRA-XL base and controls SDXL "
-            f"checkpoints, but the sampled model is {type(model.model_config).__name__} (its extra conditioning "
-            f"has {unet.get('adm_in_channels')} channels, the base's {adm}). Load an SDXL checkpoint, or use an "
-            "SD1.5 CtrLoRA base and LoRAs with this model.")
 
 
 def check_latent_family(condition, family):
