@@ -1,41 +1,53 @@
 #!/usr/bin/env python
-"""Training benchmark: steps/s and peak memory of Train CtrLoRA's loop against a straightforward fp32 loop that
-re-encodes every step, as the official recipe does (same models, same data, same objective, one run).
+"""Training benchmark: steps/s and peak memory of Train CtrLoRA's loop against the official recipe's loop, which
+re-encodes every step (same models, same data, same objective, same precision, same memory setting); the memory
+estimate the loop reserves from ComfyUI against the measured peak; and the cost of recasting frozen weights.
 
-    .venv/bin/python bench/bench_training.py [--size tiny,sd15-half|sd15] [--steps N] [--rounds N] [--threads N]
+    .venv/bin/python bench/bench_training.py [--size tiny,small|sd15-half|sd15] [--precision auto|fp32|bf16|fp16]
+                                             [--steps N] [--rounds N] [--threads N] [--recast] [--device cpu|cuda]
 
 Loops (all through ``training.Trainer``: the same AdamW, the same objective through ComfyUI's UNet, the same
-random draws per step):
+random draws per step, the same ``--precision``), compared in pairs at the same memory setting:
 
-* ``naive``: every step VAE-encodes the batch's targets and condition images and CLIP-encodes its prompts
-  (after prompt dropout), in fp32, as the official recipe does. The images are decoded once and held in memory,
-  so file reading is not counted against it.
-* ``official recipe``: the same with gradient checkpointing, which the official configs switch on for the UNet
-  and the ControlNet (``use_checkpoint: True`` in ``configs/ctrlora_finetune_sd15_rank*.yaml``).
-* ``ours``: the encode-once cache; on CUDA bf16 autocast (fp16 + loss scaling without bf16), frozen parts in the
-  dtype ComfyUI loaded them in (half on GPUs); fp32 on CPU.
-* ``ours + checkpointing``: the same with gradient checkpointing (less memory, some recomputation).
-* ``ours bf16`` (CPU, ``--cpu-bf16``): bf16 autocast on the CPU.
+* ``official``: every step VAE-encodes the batch's targets and condition images and CLIP-encodes its prompts
+  (after prompt dropout), as the official recipe does. The images are decoded once and held in memory, so file
+  reading is not counted against it. ``ours``: the encode-once cache.
+* ``official + checkpointing`` and ``ours + checkpointing``: the same two with gradient checkpointing, which the
+  official configs switch on for the UNet and the ControlNet (``use_checkpoint: True`` in
+  ``configs/ctrlora_finetune_sd15_rank*.yaml``).
+
+``--recast`` adds, for ``ours`` without checkpointing, the cost of recasting frozen weights at every op against
+computing in their storage dtype (the precision rule of ``training/precision.py``): models stored in bf16 and
+computed in bf16 (no recast); stored in bf16 and computed in fp32 (ComfyUI's manual cast recasts each weight at
+each op); stored in fp32 with bf16 autocast (autocast recasts each frozen weight at each op: only weights that
+require grad are cached).
 
 Models are built in-process with seeded random weights (nothing is downloaded):
 
 * ``tiny``: the test suite's tiny SD model, tiny VAE and golden base (32 px), and a real ComfyUI CLIP at width 32;
+* ``small``: the tests' small UNet (64 channels, three levels; ``tests/pretrain_models.py``) with the tiny VAE and
+  CLIP, 64 px;
 * ``sd15-half``: the SD1.5 UNet, VAE and CLIP-L layouts with every width halved (UNet 160 channels, VAE 64, CLIP
   384 x 12 layers), 256 px: the compute shares of VAE, CLIP, UNet and ControlNet stay roughly those of SD1.5;
 * ``sd15``: full SD1.5 sizes, 512 px (for a GPU).
 
-The base ControlNet is a copy of the UNet's encoder (as the official base starts), loaded with ``load_base``.
+The base ControlNet is the golden one for ``tiny`` and otherwise a copy of the UNet's encoder (as the official base
+starts), loaded with ``load_base``.
 
 "Setup" is the time to scan and encode the dataset and load the models (for ``ours`` it includes building the
-cache, a one-time cost). Each measurement runs in its own process (so peak memory is that loop's alone): setup (models, data, the cache),
-``--warmup`` untimed steps, ``--steps`` timed steps. Rounds rotate the order of the loops so load changes on the
-machine affect all of them alike; the table shows the median steps/s over rounds. Memory: on CPU the peak resident
-set size during one warm-up and one step (``VmHWM`` after resetting it) and its growth over the resident size after
-setup, from an extra short run per loop in which glibc hands freed blocks of 128 KiB or more back to the system (so
-the resident size follows the live tensors); on CUDA ``max_memory_allocated`` and its growth over
-``memory_allocated`` after setup, from the timed runs. JSON goes to ``bench/results/``.
+cache, a one-time cost). Each measurement runs in its own process (so peak memory is that loop's alone): setup
+(models, data, the cache), ``--warmup`` untimed steps, ``--steps`` timed steps. Rounds rotate the order of the
+loops so load changes on the machine affect all of them alike; the table shows the median steps/s over rounds.
+Memory: on CPU the peak resident set size during one warm-up and one step (``VmHWM`` after resetting it) and its
+growth over the resident size after setup, from an extra short run per loop in which glibc hands freed blocks of
+128 KiB or more back to the system (so the resident size follows the live tensors); on CUDA
+``max_memory_allocated`` and its growth over ``memory_allocated`` after setup, from the timed runs. The estimate
+is ``training.memory.training_memory_required`` for the run's micro-batch, precision and checkpointing setting:
+what the loop asks ComfyUI to keep free beyond the weights; it should cover the growth (ratio >= 1) without
+wasting much. JSON goes to ``bench/results/``.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -57,11 +69,14 @@ SD15_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels":
             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 SD15_CLIP = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
              "projection_dim": 768}
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+             "projection_dim": 32}
 HALF = 2  # GroupNorm's 32 groups need widths divisible by 32: SD1.5 / 2 is the narrowest exact scale-down
 SIZES = {
-    # unet config, vae ddconfig (None: the tests' tiny VAE), clip config, resolution, rank, batch
-    "tiny": (None, None, {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-                          "num_hidden_layers": 1, "projection_dim": 32}, 32, 8, 4),
+    # unet config (None: the tests' tiny UNet), vae ddconfig (None: the tests' tiny VAE), clip config, resolution,
+    # rank, batch
+    "tiny": (None, None, TINY_CLIP, 32, 8, 4),
+    "small": ("small", None, TINY_CLIP, 64, 16, 2),
     "sd15-half": (
         {**SD15_UNET, "model_channels": 320 // HALF, "context_dim": 768 // HALF},
         {**SD15_VAE, "ch": 128 // HALF},
@@ -71,21 +86,40 @@ SIZES = {
     "sd15": (SD15_UNET, SD15_VAE, SD15_CLIP, 512, 128, 1),
 }
 TEMPLATE = "a 3D dental model of {jaw} teeth, {view} view, with professional lighting, high quality"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    label: str
+    naive: bool = False  # re-encode every step (the official recipe's data path)
+    checkpointing: bool = False
+    storage: str = None  # models' storage dtype (None: ComfyUI's choice for the device)
+    manual_cast: str = None  # "fp32": ComfyUI's manual cast of stored weights at each op; "none": computed as stored
+    precision: str = None  # None: --precision
+
+
 LOOPS = {
-    "naive": "naive: fp32, re-encode every step",
-    "official": "official recipe: naive + gradient checkpointing",
-    "ours": "ours: encode once{precision}",
-    "ours-ckpt": "ours + gradient checkpointing",
-    "ours-bf16": "ours, bf16 autocast on the CPU",
+    "official": Loop("official recipe: re-encode every step", naive=True),
+    "ours": Loop("ours: encode once"),
+    "official-ckpt": Loop("official recipe + gradient checkpointing", naive=True, checkpointing=True),
+    "ours-ckpt": Loop("ours + gradient checkpointing", checkpointing=True),
+    "bf16-own": Loop("stored bf16, computed in bf16 (no recast)", storage="bf16", manual_cast="none",
+                     precision="bf16"),
+    "bf16-to-fp32": Loop("stored bf16, computed in fp32 (manual cast at every op)", storage="bf16",
+                         manual_cast="fp32", precision="fp32"),
+    "fp32-to-bf16": Loop("stored fp32, bf16 autocast (recast at every op)", storage="fp32", precision="bf16"),
 }
-NAIVE = ("naive", "official")
+PAIRS = {"ours": "official", "ours-ckpt": "official-ckpt"}  # the same memory setting and precision
+RECAST = ("bf16-own", "bf16-to-fp32", "fp32-to-bf16")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default=None, help="comma-separated: tiny, sd15-half, sd15 "
-                                                "(default: tiny,sd15-half on CPU, sd15 on CUDA)")
+    p.add_argument("--size", default=None, help="comma-separated: tiny, small, sd15-half, sd15 "
+                                                "(default: tiny,small on CPU, sd15 on CUDA)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="of every compared loop (auto: bf16 or fp16 autocast on CUDA, fp32 on the CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default by size)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by size)")
@@ -93,8 +127,10 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=None, help="synthetic pairs in the dataset (default by size; a "
                                                             "step uses batch-size pairs, so this only sets setup time)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on the CPU")
-    p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing loop")
+    p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing pair")
+    p.add_argument("--recast", action="store_true", help="also time frozen weights recast at every op against "
+                                                         "computed in their storage dtype (bf16)")
+    p.add_argument("--only-recast", action="store_true", help="only the --recast loops")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -127,7 +163,9 @@ def init_(module, seed):
     return module
 
 
-def build_models(size, folder):
+def build_models(size, folder, loop):
+    """MODEL, VAE, CLIP and base of ``size``, stored in ``loop.storage`` (default: ComfyUI's choice for the device)
+    and computed as ``loop.manual_cast`` says (default: ComfyUI's choice)."""
     import safetensors.torch
     import torch
 
@@ -135,26 +173,39 @@ def build_models(size, folder):
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
+    import pretrain_models
     import tiny
 
     pack = sys.modules[PACK]
     unet_config, vae_config, clip_config, _, _, _ = SIZES[size]
-    if unet_config is None:
-        model = tiny.tiny_model()
+    device = comfy.model_management.get_torch_device()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if loop.storage:
+        dtype = dtypes[loop.storage]
+    elif vae_config is None:
+        dtype = torch.float32  # the tests' models, as the tests build them
+    else:
+        dtype = comfy.model_management.unet_dtype(
+            model_params=-1, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    if loop.manual_cast:  # the UNet's and (through ComfyUI's choice) the base's
+        cast = dtypes.get(loop.manual_cast)
+        comfy.model_management.unet_manual_cast = lambda *args, **kwargs: cast
+    if vae_config is None:
+        config = tiny.TinySD15(pretrain_models.SMALL_UNET if unet_config == "small" else tiny.TINY_UNET)
         vae = tiny.tiny_vae()
-        base_path = os.path.join(tiny.GOLDEN, "base.ckpt")
     else:
         config = comfy.supported_models.SD15(unet_config)
-        config.set_inference_dtype(comfy.model_management.unet_dtype(
-            model_params=-1, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]), None)
-        inner = config.get_model({})
-        init_(inner.diffusion_model, 0)
-        device = comfy.model_management.get_torch_device()
-        model = comfy.model_patcher.ModelPatcher(inner, load_device=device,
-                                                 offload_device=comfy.model_management.unet_offload_device())
         vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": vae_config}})
         init_(vae.first_stage_model, 1)
-        base_path = os.path.join(folder, "base.safetensors")
+    config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, device))
+    inner = config.get_model({})
+    init_(inner.diffusion_model, 0)
+    model = comfy.model_patcher.ModelPatcher(inner, load_device=device,
+                                             offload_device=comfy.model_management.unet_offload_device())
+    if size == "tiny":
+        base_path = os.path.join(tiny.GOLDEN, "base.ckpt")
+    else:
+        base_path = os.path.join(folder, f"{size}-base.safetensors")
         if not os.path.exists(base_path):
             encoder = {k: v.float().contiguous() for k, v in inner.diffusion_model.state_dict().items()
                        if k.split(".")[0] in ("input_blocks", "middle_block", "time_embed")}
@@ -162,7 +213,7 @@ def build_models(size, folder):
     clip = comfy.sd.CLIP(comfy.supported_models.SD15({}).clip_target(),
                          model_options={"clip_l_model_config": clip_config})
     init_(clip.cond_stage_model, 2)
-    base = pack.ctrlora_core.load_base(base_path)
+    base = pack.ctrlora_core.load_base(base_path, dtype=dtype)
     return model, vae, clip, base
 
 
@@ -244,16 +295,18 @@ def worker(args):
     setup_host(device)
     import importlib
     training = importlib.import_module(f"{PACK}.training")
+    training_memory = importlib.import_module(f"{PACK}.training.memory")
     import comfy.model_management
 
-    size, loop = args.worker.split(":")
+    size, name = args.worker.split(":")
+    loop = LOOPS[name]
     _, _, _, resolution, rank, batch = SIZES[size]
     data_folder = os.path.join(args.data, size)
-    model, vae, clip, base = build_models(size, args.data)
+    model, vae, clip, base = build_models(size, args.data, loop)
     config = training.TrainConfig(rank=rank, steps=10 ** 6, batch_size=batch, lr=1e-5, resolution=resolution,
-                                  save_every=0, gradient_checkpointing=loop in ("official", "ours-ckpt"),
-                                  precision="fp32" if loop in NAIVE else "bf16" if loop == "ours-bf16" else "auto")
-    cls = naive_trainer_class(training) if loop in NAIVE else training.Trainer
+                                  save_every=0, gradient_checkpointing=loop.checkpointing,
+                                  precision=loop.precision or args.precision)
+    cls = naive_trainer_class(training) if loop.naive else training.Trainer
     out = tempfile.mkdtemp(dir=args.data)
     trainer = cls(model, base, vae, training.clip_prompt_encoder(clip), data_folder, out, "bench", config,
                   template=TEMPLATE, reporter=training.ComfyReporter(output="bench", min_interval=1e9,
@@ -261,6 +314,11 @@ def worker(args):
     started = time.perf_counter()
     trainer.prepare()
     prepare_s = time.perf_counter() - started
+    started = time.process_time()
+    estimate = training_memory.training_memory_required(
+        trainer.objective, trainer.base, [batch, *trainer.data.targets.shape[1:]], trainer.precision.compute,
+        config.gradient_checkpointing, trainer.adapter)
+    estimate_cpu_s = time.process_time() - started
     memory = Memory(torch, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.enable_grad(), trainer.checkpointing():
@@ -273,9 +331,10 @@ def worker(args):
         sync()
         elapsed = time.perf_counter() - started
     print(json.dumps({
-        "size": size, "loop": loop, "steps_per_s": args.steps / elapsed, "prepare_s": prepare_s,
+        "size": size, "loop": name, "steps_per_s": args.steps / elapsed, "prepare_s": prepare_s,
         "peak_bytes": memory.peak(), "baseline_bytes": memory.baseline, "final_loss": losses[-1],
-        "dtype": str(trainer.dtype).replace("torch.", ""), "unet_dtype": str(trainer.objective.unet_dtype),
+        "estimate_bytes": estimate, "estimate_cpu_s": estimate_cpu_s,
+        "dtype": str(trainer.precision.compute).replace("torch.", ""), "unet_dtype": str(trainer.objective.unet_dtype),
         "device": str(comfy.model_management.get_torch_device()), "threads": torch.get_num_threads(),
     }))
 
@@ -288,7 +347,7 @@ def run_worker(args, size, loop, data, memory=False):
     for the timing runs)."""
     steps, warmup = (1, 1) if memory else (args.steps_for[size], args.warmup_for[size])
     command = [sys.executable, os.path.abspath(__file__), "--worker", f"{size}:{loop}", "--data", data,
-               "--device", args.device, "--steps", str(steps), "--warmup", str(warmup)]
+               "--device", args.device, "--steps", str(steps), "--warmup", str(warmup), "--precision", args.precision]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)} if memory else None
@@ -313,17 +372,18 @@ def main(argv=None):
             args.device = "cpu"
     if args.worker:
         return worker(args)
-    sizes = (args.size or ("sd15" if args.device == "cuda" else "tiny,sd15-half")).split(",")
+    sizes = (args.size or ("sd15" if args.device == "cuda" else "tiny,small")).split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise SystemExit(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
-    loops = ["naive", "official", "ours"] + ([] if args.no_checkpointing else ["ours-ckpt"]) + \
-        (["ours-bf16"] if args.cpu_bf16 and args.device == "cpu" else [])
-    args.steps_for = {s: args.steps or {"tiny": 15, "sd15-half": 2, "sd15": 20}[s] for s in sizes}
-    pairs = {s: args.pairs or {"tiny": 16, "sd15-half": 4, "sd15": 8}[s] for s in sizes}
-    args.warmup_for = {s: args.warmup if args.warmup is not None else {"tiny": 2, "sd15-half": 1, "sd15": 3}[s]
-                       for s in sizes}
-    rounds = {s: args.rounds or {"tiny": 2, "sd15-half": 1, "sd15": 3}[s] for s in sizes}
+    loops = [] if args.only_recast else \
+        ["official", "ours"] + ([] if args.no_checkpointing else ["official-ckpt", "ours-ckpt"])
+    loops += list(RECAST) if args.recast or args.only_recast else []
+    defaults = {"tiny": (15, 2, 2, 16), "small": (8, 1, 1, 8), "sd15-half": (2, 1, 1, 4), "sd15": (20, 3, 3, 8)}
+    args.steps_for = {s: args.steps or defaults[s][0] for s in sizes}
+    args.warmup_for = {s: defaults[s][1] if args.warmup is None else args.warmup for s in sizes}
+    rounds = {s: args.rounds or defaults[s][2] for s in sizes}
+    pairs = {s: args.pairs or defaults[s][3] for s in sizes}
 
     data = tempfile.mkdtemp(prefix="ctrlora-bench-train-")
     results = []
@@ -339,7 +399,7 @@ def main(argv=None):
                     print(f"  {size} round {r + 1}/{rounds[size]} {loop:10s} {result['steps_per_s']:.3f} steps/s",
                           file=sys.stderr)
             if args.device == "cpu":
-                for loop in loops:
+                for loop in (loop for loop in loops if loop not in RECAST):
                     memory = run_worker(args, size, loop, data, memory=True)
                     for result in results:
                         if result["size"] == size and result["loop"] == loop:
@@ -351,27 +411,44 @@ def main(argv=None):
 
 def report(args, sizes, loops, results):
     lines = [f"Train CtrLoRA benchmark - {platform.processor() or platform.machine()}, device {args.device}, "
-             f"threads {results[0]['threads']}; median steps/s over rounds", ""]
+             f"threads {results[0]['threads']}, precision {args.precision}; median steps/s over rounds", ""]
     summary = {}
     for size in sizes:
         _, _, _, resolution, rank, batch = SIZES[size]
         rows = {loop: [r for r in results if r["size"] == size and r["loop"] == loop] for loop in loops}
         speed = {loop: statistics.median(r["steps_per_s"] for r in rs) for loop, rs in rows.items()}
+        summary[size] = {loop: {"steps_per_s": speed[loop]} for loop in loops}
         lines += [f"### {size}: {resolution} px, rank {rank}, batch {batch}, {args.steps_for[size]} timed steps, "
-                  f"{len(rows[loops[0]])} round(s)",
-                  "", "| loop | steps/s | x naive | x official | peak memory (MiB) | growth during steps (MiB) "
-                  "| setup (s) |", "|---|---|---|---|---|---|---|"]
-        for loop, rs in rows.items():
+                  f"{len(rows[loops[0]])} round(s)", ""]
+        compared = [loop for loop in loops if loop not in RECAST]
+        if compared:
+            lines += ["| loop | compute | steps/s | x official, same memory setting | peak memory (MiB) | growth "
+                      "during steps (MiB) | estimate (MiB) | estimate / growth | setup (s) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+        for loop in compared:
+            rs = rows[loop]
             peak = max(r["peak_bytes"] for r in rs)
             growth = max(r["peak_bytes"] - r["baseline_bytes"] for r in rs)
-            precision = "" if rs[0]["dtype"] == "float32" else f", {rs[0]['dtype']} autocast"
-            name = LOOPS[loop].format(precision=precision)
-            lines.append(f"| {name} | {speed[loop]:.3f} | {speed[loop] / speed['naive']:.2f} | "
-                         f"{speed[loop] / speed['official']:.2f} | {mib(peak)} | {mib(growth)} | "
+            estimate = rs[0]["estimate_bytes"]
+            versus = f"{speed[loop] / speed[PAIRS[loop]]:.2f}" if PAIRS.get(loop) in speed else ""
+            lines.append(f"| {LOOPS[loop].label} | {rs[0]['dtype']} | {speed[loop]:.3f} | {versus} | {mib(peak)} | "
+                         f"{mib(growth)} | {mib(estimate)} | {estimate / growth:.2f} | "
                          f"{statistics.median(r['prepare_s'] for r in rs):.1f} |")
+            summary[size][loop].update(peak_bytes=peak, growth_bytes=growth, estimate_bytes=estimate,
+                                       estimate_cpu_s=rs[0]["estimate_cpu_s"])
+            if versus:
+                summary[size][loop]["x_official"] = speed[loop] / speed[PAIRS[loop]]
+        recast = [loop for loop in loops if loop in RECAST]
+        if recast:
+            lines += ["", "| frozen weights (ours, no checkpointing) | steps/s | x computed in their own dtype |",
+                      "|---|---|---|"]
+            lines += [f"| {LOOPS[loop].label} | {speed[loop]:.3f} | {speed[loop] / speed[RECAST[0]]:.2f} |"
+                      for loop in recast]
+        if args.device == "cuda" and "ours" in speed and "official" in speed:
+            peak = max(r["peak_bytes"] for r in rows["ours"])
+            lines += ["", f"Goal (SD1.5, 512 px, batch 1): ours >= 3x official at the same memory setting and "
+                          f"peak <= 12 GB: {speed['ours'] / speed['official']:.2f}x, peak {peak / 1e9:.1f} GB"]
         lines.append("")
-        summary[size] = {loop: {"steps_per_s": speed[loop], "x_naive": speed[loop] / speed["naive"],
-                                "x_official": speed[loop] / speed["official"]} for loop in loops}
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)

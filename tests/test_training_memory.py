@@ -101,7 +101,7 @@ def measured_step(loss_of, base, adapter, shape, compute_dtype, checkpointed, mo
         return output
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
-    batch, channels, size = shape[0], shape[1], shape[2]
+    batch = shape[0]
     generator = torch.Generator().manual_seed(2)
     inputs = {name: torch.randn(shape, generator=generator) for name in ("hint", "x0", "noise")}
     inputs["context"] = torch.randn(batch, memory.CONTEXT_TOKENS, tiny.CONTEXT_DIM, generator=generator)
