@@ -9,6 +9,7 @@ import logging
 import comfy.controlnet
 import comfy.utils
 
+from .base import FAMILY_NAMES
 from .errors import CtrLoRAError
 
 
@@ -35,10 +36,10 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         context = next(m.to_k.in_features for n, m in base.model.named_modules() if n.endswith("attn2"))
         sampled = model.model_config.unet_config.get("context_dim")
         if sampled != context:
-            family = "an SD1.5 CtrLoRA" if base.family == "sd15" else "a CtrLoRA-XL (SDXL)"
             raise CtrLoRAError(
-                f"Apply CtrLoRA ({self.condition.name}): {base.name} is {family} base (text context {context}), but the "
-                f"sampled model is {type(model.model_config).__name__} (text context {sampled}). Sample with a "
+                f"Apply CtrLoRA ({self.condition.name}): {base.name} is {FAMILY_NAMES[base.family]} base (text "
+                f"context {context}), but the sampled model is {type(model.model_config).__name__} (text context "
+                f"{sampled}). Sample with a "
                 f"checkpoint of the base's family, or use the base made for this checkpoint's family.")
 
     def hint_for(self, x_noisy, batched_number, transformer_options=None):
