@@ -40,6 +40,16 @@ elif ! command -v chromium >/dev/null 2>&1; then
 fi
 
 if [ -f "$stamp" ] && [ -f "$host/main.py" ]; then
+  # A host set up before a package joined requirements.txt gets it now.
+  "$venv/bin/python" - "$root/requirements.txt" <<'PY' 2>/dev/null ||
+import importlib.metadata, re, sys
+for line in open(sys.argv[1]):
+    name = re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0]
+    if name and not name.startswith("#"):
+        importlib.metadata.version(name)  # raises when it is missing
+PY
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install -r "$root/requirements.txt" \
+      "torch==${CTRLORA_TORCH:-2.14.1}"
   exit 0
 fi
 

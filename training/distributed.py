@@ -1,7 +1,7 @@
 """torch.distributed for the pretraining: one process or many, the same code path.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the processes join one process group: NCCL on CUDA,
-gloo on the CPU. Each process trains on its own GPU (``LOCAL_RANK``) and its own data shard; gradients are
+gloo on the CPU. Each process trains on its own GPU (``LOCAL_RANK``) and its own micro-batches; gradients are
 averaged by ``DistributedDataParallel``; process 0 alone writes files. Run as one process (no ``torchrun``, or
 ``--nproc_per_node 1``) nothing is initialised and every collective is the identity.
 
@@ -92,9 +92,11 @@ class Distributed:
             dist.barrier()
 
     def wrap(self, module, device):
-        """``module`` under ``DistributedDataParallel`` (gradients averaged over the processes in backward), or
-        ``module`` itself on one process. ``find_unused_parameters``: the LoRAs of the conditions a step does not
-        train get no gradient."""
+        """``module`` under ``DistributedDataParallel`` (gradients averaged over the processes in the backward of
+        an update's last micro-batch; the others run under ``no_sync``), or ``module`` itself on one process.
+        ``find_unused_parameters``: a micro-batch trains one condition, so the other conditions' LoRAs get no
+        gradient from it; DDP then reduces what the process accumulated for them in the update (zeros if nothing),
+        so every process applies the same averaged gradient."""
         if not self.active:
             return module
         return torch.nn.parallel.DistributedDataParallel(

@@ -11,35 +11,23 @@ What the official pretraining does (``cldm/cldm_ctrlora_pretrain.py``, ``scripts
   convs and norms, which a new condition's LoRA copies as its starting point.
 * One AdamW (lr 1e-5, torch's default weight decay 0.01) over every ControlNet parameter; the SD UNet, VAE and
   CLIP stay frozen; noise-prediction MSE; prompts dropped to "" with probability 0.3.
-* Each batch comes from one condition; conditions are interleaved in rounds (each round visits every condition
-  once, in a shuffled order). See ``sharding`` for the plan, which is the same on any number of processes.
+* Batch 1 per GPU, gradient accumulation 4, each micro-batch from one condition, each process drawing its own
+  condition order: one update mixes conditions (``mix="micro-batch"``, the default here; ``sharding`` makes the
+  draws a function of the seed, not of the process count). ``mix="update"`` trains one condition per update.
 * The official run's torch 1.13 ``zero_grad()`` keeps zero gradients: once a condition's LoRA has been trained,
-  it takes an AdamW step with a zero gradient in the steps of the other conditions (its moments decay and weight
-  decay applies). This module does the same.
+  it takes an AdamW step with a zero gradient in the updates that do not use it (its moments decay and weight
+  decay applies). ``precision.Updater`` zeroes gradients the same way.
 
-Where the official code differs and this module does not follow: the latents and prompt embeddings are encoded
-once (posterior mode, as at inference) instead of at every step, and the processes of a run train the same
-condition in a step (the official sampler shuffles the task order in each process separately, unseeded).
+Where this module differs: latents and prompt embeddings are encoded once by ``pretrain_data`` (posterior mode, as
+at inference) and streamed from disk (``streaming``) instead of being re-encoded at every step.
 
-Outputs, in the official layouts (``control_model.*`` keys, ``.safetensors``, written atomically, never
-overwritten, with metadata): ``<name>.safetensors``, the base (shared weights + zero convs + norms, and one set of
-``lora_layer`` keys, those of the first condition, as released bases carry them and some loaders require); and
-``<name>_<condition>_rank<r>.safetensors`` per condition: its LoRA plus the shared zero convs, ``middle_block_out``
-and norms (the official ``extract_lora`` layout, 246 keys at SD1.5 size), which 'Load CtrLoRA' loads directly.
-``<name>.train/`` holds the resumable state (``state.json`` + tensors, written by process 0) and a snapshot of the
-outputs per save (``step000500/``).
+Files (``pretrain_files``): the base and one LoRA per condition in the official layouts, a resumable state and
+snapshots in ``<name>.train/``.
 """
-import argparse
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
-import json
 import logging
-import math
 import os
-import re
-import sys
 import time
 
 import torch
@@ -48,53 +36,65 @@ import comfy.model_management
 
 from ..ctrlora_core import Condition, ConditionAdapter, CtrLoRAError
 from ..ctrlora_core.base import base_from_tensors, load_base
-from ..ctrlora_core.checkpoint import save_lora_file
 from ..ctrlora_core.lora import binding_names
-from . import state as run_state
 from .checkpointing import checkpoint_targets, gradient_checkpointing
-from .dataset import scan
 from .distributed import Distributed
-from .encode import (EMPTY_PROMPT, EncodedDataset, PromptCache, check_prompt_widths, clip_prompt_encoder,
-                     encode_pairs, fingerprint)
-from .loop import PRECISIONS, TrainConfig, Trainer, check_resolution, prepare_frozen
+from .frozen import prepare_frozen
+from .loop import RANK_RANGE
 from .objective import NoisePrediction
-from .sharding import Plan, generator, positions
+from .precision import PRECISIONS, Updater, choose_precision
+from .pretrain_data import LABEL, prepared_conditions
+from .pretrain_files import RunFiles
+from .sharding import Plan, generator, micro_batches_of
+from .streaming import StreamedPairs, context_batch, loader
 
-LABEL = "Pretrain base"
-TRAINER = "comfyui-ctrlora pretrain_base"
 ENCODER_PARTS = ("time_embed", "input_blocks", "middle_block")
-CONDITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MIXES = ("micro-batch", "update")
 # Settings that define a run: a resume with other values would not continue the same run.
-RUN_DEFINING = ("rank", "global_batch", "lr", "prompt_dropout", "resolution", "seed", "weight_decay", "precision",
-                "model", "template", "name_pattern")
-
-
-def _unlabelled(error):
-    """A message of the training issue's code without its 'Train CtrLoRA: ' start."""
-    return str(error).replace("Train CtrLoRA: ", "", 1)
+RUN_DEFINING = ("rank", "micro_batch", "micro_batches", "lr", "prompt_dropout", "seed", "weight_decay", "precision",
+                "mix", "model")
 
 
 @dataclasses.dataclass
-class PretrainConfig(TrainConfig):
-    """The training issue's settings (same ranges and precision choice), with pretraining defaults."""
-    steps: int = 10000
-    batch_size: int = 4  # per process (official: 4 per GPU); the global batch is this times the processes
+class PretrainConfig:
+    rank: int = 128
+    steps: int = 10000  # optimizer updates
+    batch_size: int = 1  # per process and micro-batch (official: 1)
+    grad_accum: int = 4  # micro-batches per process and update (official: 4)
+    mix: str = "micro-batch"  # a condition per micro-batch (official) or per update
+    lr: float = 1e-5
+    prompt_dropout: float = 0.3
+    seed: int = 0
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, as the official training
+    precision: str = "auto"  # see precision.choose_precision
+    gradient_checkpointing: bool = False
     save_every: int = 1000
+    keep_snapshots: int = 3  # snapshots of the outputs kept in the run folder (the newest); the state is always kept
     stop_after: int = 0  # > 0: save the state and stop at this step (continue later with resume)
+    workers: int = 2  # DataLoader processes reading the shards, per training process
 
     def validate(self):
-        problems = []
-        try:
-            super().validate()
-        except CtrLoRAError as e:
-            problems.append(_unlabelled(e).rstrip("."))
-        if self.grad_accum != 1:
-            problems.append(f"gradient accumulation is not supported here (got {self.grad_accum}); raise the batch "
-                            "size or the number of processes")
-        if self.stop_after < 0:
-            problems.append(f"stop_after must be 0 (run to the end) or more (got {self.stop_after})")
+        checks = [
+            (RANK_RANGE[0] <= self.rank <= RANK_RANGE[1], f"rank {self.rank} is out of range {RANK_RANGE}"),
+            (self.steps >= 1, f"steps must be at least 1 (got {self.steps})"),
+            (self.batch_size >= 1, f"batch size must be at least 1 (got {self.batch_size})"),
+            (self.grad_accum >= 1, f"gradient accumulation must be at least 1 (got {self.grad_accum})"),
+            (self.mix in MIXES, f"mix must be one of {', '.join(MIXES)} (got {self.mix!r})"),
+            (0 < self.lr <= 1, f"learning rate must be in (0, 1] (got {self.lr})"),
+            (0 <= self.prompt_dropout <= 1, f"prompt dropout must be in [0, 1] (got {self.prompt_dropout})"),
+            (self.precision == "auto" or self.precision in PRECISIONS,
+             f"precision must be auto, {', '.join(PRECISIONS)} (got {self.precision!r})"),
+            (self.save_every >= 0, f"save_every must be 0 (only at the end) or more (got {self.save_every})"),
+            (self.keep_snapshots >= 0, f"keep_snapshots must be 0 or more (got {self.keep_snapshots})"),
+            (self.stop_after >= 0, f"stop_after must be 0 (run to the end) or more (got {self.stop_after})"),
+            (self.workers >= 0, f"workers must be 0 (read in the training process) or more (got {self.workers})"),
+        ]
+        problems = [message for ok, message in checks if not ok]
         if problems:
             raise CtrLoRAError(f"{LABEL}: " + "; ".join(problems) + ".")
+
+    def advice(self):
+        return f"a lower --lr (now {self.lr:g}) or --precision fp32"
 
 
 @dataclasses.dataclass
@@ -103,26 +103,8 @@ class PretrainResult:
     step: int
     base_path: str  # the output files ("done") or the latest snapshot's ("stopped")
     lora_paths: dict
-    losses: list  # (step, condition, loss of the global batch)
+    losses: list  # (step, mean loss of the update)
     report: str
-
-
-def parse_conditions(specs):
-    """``["name=folder", ...]`` (or ``(name, folder)`` pairs) -> ``[(name, folder)]``, checked."""
-    conditions = []
-    for spec in specs:
-        name, folder = spec if isinstance(spec, (tuple, list)) else (spec.partition("=")[0], spec.partition("=")[2])
-        name, folder = name.strip(), str(folder).strip()
-        if not folder:
-            raise CtrLoRAError(f"{LABEL}: condition {spec!r}: write it as name=folder (e.g. canny=/data/canny).")
-        if not CONDITION_NAME.match(name):
-            raise CtrLoRAError(f"{LABEL}: condition name {name!r}: use letters, digits, '_' and '-' (at most 64).")
-        if name in [n for n, _ in conditions]:
-            raise CtrLoRAError(f"{LABEL}: condition {name!r} is given twice.")
-        conditions.append((name, folder))
-    if not conditions:
-        raise CtrLoRAError(f"{LABEL}: no condition given (name=folder, one per condition).")
-    return conditions
 
 
 def encoder_tensors(unet):
@@ -169,200 +151,96 @@ class PretrainModel(torch.nn.Module):
 
 
 class Pretrainer:
-    """One pretraining run; ``run()`` returns only after process 0 wrote the outputs (or the state, when stopped)."""
+    """One pretraining run on prepared data (``pretrain_data``); ``run()`` returns only after process 0 wrote the
+    outputs (or the state, when stopped)."""
 
-    def __init__(self, model, encode_prompt, vae, conditions, output_folder, name, config, template="",
-                 name_pattern="", init_base=None, resume=False, dist=None, model_name="model", log=None):
-        self.model, self.encode_prompt, self.vae = model, encode_prompt, vae
-        self.conditions = dict(parse_conditions(conditions))
-        self.names = sorted(self.conditions)
+    def __init__(self, model, data_folder, output_folder, name, config, init_base=None, resume=False, dist=None,
+                 model_name="model", log=None):
+        self.model = model
+        self.data_folder = str(data_folder)
         self.config = config
-        self.template, self.name_pattern = template, name_pattern
         self.init_base = init_base
         self.resume = resume
         self.dist = dist or Distributed.single()
         self.model_name = model_name
         self._log = log or logging.info
-        self.output_folder = str(output_folder)
-        self.base_path, self.run_folder = run_state.output_paths(self.output_folder, name, LABEL)
-        self.stem = os.path.basename(self.base_path)[:-len(run_state.LORA_EXTENSION)]
-        self.global_batch = config.batch_size * self.dist.world
-        self.positions = positions(self.dist.rank, self.dist.world, self.global_batch)
+        self.micro_batches = self.dist.world * config.grad_accum
+        self.mine = micro_batches_of(self.dist.rank, config.grad_accum)
         self.step = 0
         self.losses = []
         self.notes = []
         self.in_update = False
+        self.files = None
+        self.output_folder, self.name = str(output_folder), name
 
     def log(self, message):
         if self.dist.is_writer:
             self._log(f"{LABEL}: {message}")
 
-    # --- files -------------------------------------------------------------------------------------------------------
-    def lora_name(self, condition):
-        return f"{self.stem}_{condition}_rank{self.config.rank}{run_state.LORA_EXTENSION}"
-
-    def output_files(self, folder):
-        return os.path.join(folder, os.path.basename(self.base_path)), \
-            {c: os.path.join(folder, self.lora_name(c)) for c in self.names}
-
     def run_config(self):
-        return {**dataclasses.asdict(self.config), "global_batch": self.global_batch, "model": self.model_name,
-                "template": self.template, "name_pattern": self.name_pattern,
+        return {**dataclasses.asdict(self.config), "micro_batch": self.config.batch_size,
+                "micro_batches": self.micro_batches, "model": self.model_name,
                 "init": os.path.basename(self.init_base) if self.init_base else f"{self.model_name} (UNet encoder)"}
 
     # --- setup -------------------------------------------------------------------------------------------------------
-    def _saved_run(self):
-        if not run_state.has_state(self.run_folder):
-            if self.resume:
-                self.notes.append(f"no saved run in {self.run_folder}: started a new one")
-            return None
-        if not self.resume:
-            raise CtrLoRAError(
-                f"{LABEL}: a saved run of '{self.stem}' exists in {self.run_folder}. Resume it (--resume), or choose "
-                "another output name (or delete that folder to start over).")
-        document, tensors = run_state.load_state(self.run_folder, LABEL)
-        if document.get("kind") != "pretrain":
-            raise CtrLoRAError(f"{LABEL}: {self.run_folder} holds a run of another kind; choose another output name.")
-        saved = [c["name"] for c in document["conditions"]]
-        unknown = [c for c in self.names if c not in saved]
-        missing = [c for c in saved if c not in self.names]
-        if unknown or missing:
-            problems = ([f"unknown condition(s) {', '.join(unknown)}" if unknown else ""] +
-                        [f"condition(s) {', '.join(missing)} of the saved run not given" if missing else ""])
-            raise CtrLoRAError(
-                f"{LABEL}: resume: {'; '.join(p for p in problems if p)}. The saved run in {self.run_folder} trains "
-                f"{', '.join(saved)}: give exactly these conditions (name=folder) to continue it.")
-        run_state.check_resumable(document, self.run_config(), self.run_folder, RUN_DEFINING, LABEL)
-        return document, tensors
-
-    def _check_outputs(self, saved):
-        base_path, lora_paths = self.output_files(self.output_folder)
-        for path in [base_path, *lora_paths.values()]:
-            run_state.check_new_output(path, LABEL)
-        if saved is None and os.path.isdir(self.run_folder) and os.listdir(self.run_folder):
-            raise CtrLoRAError(
-                f"{LABEL}: {self.run_folder} holds files of an earlier run of '{self.stem}' but no state to resume; "
-                "choose another output name, or move that folder away (nothing is overwritten).")
-
-    def _scan(self):
-        self.pairs, self.reports = {}, {}
-        for name in self.names:
-            folder = self.conditions[name]
-            try:
-                self.pairs[name], self.reports[name] = scan(folder, self.template, self.name_pattern)
-            except CtrLoRAError as e:
-                raise CtrLoRAError(f"{LABEL}: condition '{name}' ({folder}): {_unlabelled(e)}") from e
-        return {name: fingerprint(self.pairs[name], self.config.resolution) for name in self.names}
-
     def _initial_base(self, saved):
         unet = self.model.model.diffusion_model
         if saved is not None:
             tensors = {k[len("base."):]: v for k, v in saved[1].items() if k.startswith("base.")}
-            base = base_from_tensors(tensors, os.path.basename(self.base_path), torch.float32)
+            base = base_from_tensors(tensors, os.path.basename(self.files.base_path), torch.float32)
         elif self.init_base:
             base = load_base(self.init_base, dtype=torch.float32)
         else:
-            base = base_from_tensors(encoder_tensors(unet), os.path.basename(self.base_path), torch.float32)
+            base = base_from_tensors(encoder_tensors(unet), os.path.basename(self.files.base_path), torch.float32)
         check_base_fits(base, unet)
         base.model.set_attention_heads(self.model.model.model_config.unet_config)
         return base
 
     def _local_setup(self):
-        """Everything before the first collective that can fail: settings, saved run, outputs, datasets, base."""
+        """Everything before the first collective that can fail: settings, data, saved run, outputs, base."""
         self.config.validate()
-        self.saved = self._saved_run()
-        self._check_outputs(self.saved)
-        fingerprints = self._scan()
-        if self.saved is not None:
-            saved = {c["name"]: c for c in self.saved[0]["conditions"]}
-            changed = [n for n in self.names if saved[n]["fingerprint"] != fingerprints[n]]
-            if changed:
-                raise CtrLoRAError(
-                    f"{LABEL}: resume: the dataset of condition(s) {', '.join(changed)} differs from the saved run's "
-                    f"({', '.join(str(saved[n]['pairs']) for n in changed)} pairs then, "
-                    f"{', '.join(str(len(self.pairs[n])) for n in changed)} now, or other files/prompts).")
-        check_resolution(self.model, self.vae, self.config.resolution, LABEL)
+        self.data = StreamedPairs(prepared_conditions(self.data_folder), LABEL)
+        self.names = sorted(self.data.folders)
+        self.files = RunFiles(self.output_folder, self.name, self.names, self.config.rank, self.dist.is_writer)
+        fingerprints = {n: self.data.info(n)["fingerprint"] for n in self.names}
+        self.saved = self.files.saved_run(self.resume, self.run_config(), fingerprints, RUN_DEFINING)
+        if self.saved is None and self.resume:
+            self.notes.append(f"no saved run in {self.files.run_folder}: started a new one")
+        self.files.check_outputs(self.saved)
         self.objective = NoisePrediction(self.model, None)
+        info = self.data.info(self.names[0])
+        self.latent_shape = tuple(info["latent_shape"])
+        for name in self.names:
+            if tuple(self.data.info(name)["latent_shape"]) != self.latent_shape:
+                raise CtrLoRAError(f"{LABEL}: the conditions were prepared at other resolutions or with other models "
+                                   f"('{self.names[0]}' {self.latent_shape}, '{name}' "
+                                   f"{tuple(self.data.info(name)['latent_shape'])}); prepare them alike.")
+            if self.data.info(name)["model"] != self.model_name:
+                self.notes.append(f"'{name}' was prepared with {self.data.info(name)['model']}, trained with "
+                                  f"{self.model_name}")
         self.base = self._initial_base(self.saved)
         self.objective.base = self.base
+        self.objective.check_compatible(self.latent_shape[0], info["context_dim"])
         return {"step": self.saved[0]["step"] if self.saved else None, "fingerprints": fingerprints}
 
-    def _encode(self):
-        """Encodes this process's shard of every condition (sharded by the plan); pairs that cannot be read on any
-        process are dropped everywhere and the plan is made again until every process has its shard."""
-        latent_format = self.model.model.latent_format
-        prompts = PromptCache(self.encode_prompt)
-        with torch.no_grad():
-            prompts.id(EMPTY_PROMPT)
-        usable = {n: list(range(len(self.pairs[n]))) for n in self.names}
-        rows = {n: {} for n in self.names}  # pair index -> row in this process's tensors
-        local = {n: ([], [], []) for n in self.names}
-        unreadable = {n: [] for n in self.names}
-        while True:
-            plan = Plan(self.config.seed, {n: len(usable[n]) for n in self.names}, self.global_batch)
-
-            def work():
-                failed = {}
-                for name in self.names:
-                    pairs = self.pairs[name]
-                    todo = [usable[name][i] for i in plan.shard(name, self.positions)]
-                    todo = [i for i in todo if i not in rows[name]]
-                    if not todo:
-                        continue
-                    self.log(f"encoding {len(todo)} pairs of '{name}' (of {len(pairs)})")
-                    hints, targets, ids, kept = encode_pairs(
-                        [pairs[i] for i in todo], self.reports[name], self.vae, prompts, latent_format,
-                        self.config.resolution)
-                    k = 0
-                    for i in todo:
-                        if k < len(kept) and kept[k] is pairs[i]:
-                            rows[name][i] = sum(len(t) for t in local[name][0]) + k
-                            k += 1
-                        else:
-                            failed.setdefault(name, []).append(i)
-                    if kept:
-                        for store, value in zip(local[name], (hints, targets, ids)):
-                            store.append(value)
-                return failed
-
-            outcomes = self.dist.gather(self.dist.exchange(work))
-            failed = {n: sorted({i for o in outcomes for i in o.get(n, [])}) for n in self.names}
-            if not any(failed.values()):
-                break
-            for name, indices in failed.items():
-                unreadable[name] += [self.pairs[name][i].name for i in indices]
-                usable[name] = [i for i in usable[name] if i not in set(indices)]
-                if not usable[name]:
-                    raise CtrLoRAError(f"{LABEL}: condition '{name}' ({self.conditions[name]}): no pair could be read "
-                                       f"({len(unreadable[name])} unreadable).")
-        check_prompt_widths(prompts)
-        self.plan = plan
-        self.unreadable = unreadable
-        self.data, self.rows = {}, {}
-        for name in self.names:
-            hints, targets, ids = (torch.cat(store) for store in local[name])
-            self.data[name] = EncodedDataset(hints=hints, targets=targets, prompt_ids=ids, contexts=prompts.contexts,
-                                             prompts=list(prompts.ids), names=[], fingerprint="")
-            self.rows[name] = torch.tensor([rows[name].get(i, -1) for i in usable[name]], dtype=torch.long)
-        first = self.data[self.names[0]]
-        self.objective.check_compatible(first.hints.shape[1], first.contexts[0].shape[-1])
-        self.latent_shape = tuple(first.targets.shape[1:])
+    def _adapters(self):
+        if self.saved is None:
+            return {n: lora_adapter(self.base.model, self.config.rank, n, self.config.seed) for n in self.names}
+        tensors = self.saved[1]
+        order = [n for n in binding_names(self.base.model) if n.endswith(("lora_down", "lora_up"))]
+        return {name: ConditionAdapter({n: tensors[f"lora.{name}.{n}"] for n in order}, self.config.rank)
+                for name in self.names}
 
     def _setup_training(self):
         config = self.config
         self.device = comfy.model_management.get_torch_device()
-        self.dtype = config.compute_dtype(self.device)
-        saved = self.saved
-        if saved is not None:
-            document, tensors = saved
-            order = [n for n in binding_names(self.base.model) if n.endswith(("lora_down", "lora_up"))]
-            adapters = {name: ConditionAdapter({n: tensors[f"lora.{name}.{n}"] for n in order}, config.rank)
-                        for name in self.names}
-        else:
-            adapters = {name: lora_adapter(self.base.model, config.rank, name, config.seed) for name in self.names}
-        shape = [self.global_batch * 2, *self.latent_shape]
+        self.precision = choose_precision(config.precision, self.device, (self.objective.unet_dtype,), LABEL)
+        if self.precision.note:
+            self.notes.append(self.precision.note)
+        adapters = self._adapters()
+        prepare_frozen(self.model.model)
+        shape = [config.batch_size * 2, *self.latent_shape]
         comfy.model_management.load_models_gpu([self.model], memory_required=self.model.model.memory_required(shape))
-        prepare_frozen(self.objective.unet)
         self.base.model.to(self.device)
         self.base.load_device = self.device
         self.base.model.requires_grad_(True)
@@ -373,75 +251,73 @@ class Pretrainer:
         self.module = PretrainModel(self.base, adapters, self.objective)
         self.param_names = [n for n, _ in self.named_tensors()]
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type) \
-            if self.device.type == "cuda" and self.dtype == torch.float16 else None
-        if saved is not None:
-            document, tensors = saved
+        self.updater = Updater(self.precision, self.optimizer, LABEL, config.advice())
+        if self.saved is not None:
+            document, tensors = self.saved
             if document["param_names"] != self.param_names:
-                raise CtrLoRAError(f"{LABEL}: resume: the saved run in {self.run_folder} has other parameters "
+                raise CtrLoRAError(f"{LABEL}: resume: the saved run in {self.files.run_folder} has other parameters "
                                    "(made by another version or for another model).")
-            run_state.restore_optimizer(self.optimizer, document, tensors)
-            for parameter in self.module.parameters():  # the zeroed gradients the saved run held (see train_step)
+            self.files.restore_optimizer(self.optimizer, document, tensors)
+            for parameter in self.module.parameters():  # the zeroed gradients the saved run held (see Updater.step)
                 if self.optimizer.state.get(parameter):
                     parameter.grad = torch.zeros_like(parameter)
-            if self.scaler is not None and document.get("scaler"):
-                self.scaler.load_state_dict(document["scaler"])
+            self.updater.load_state(document.get("updater") or {})
             self.step = document["step"]
             self.losses = [tuple(x) for x in document.get("losses", [])]
             self.notes.append(f"resumed at step {self.step}")
 
     def prepare(self):
-        """Checks the inputs, encodes this process's shard once, and sets up the models and the optimizer (from the
-        saved run when resuming). Every process raises the same error when any of them fails."""
+        """Checks the inputs and sets up the data, the models and the optimizer (from the saved run when resuming).
+        Every process raises the same error when any of them fails."""
         with torch.inference_mode(False), torch.enable_grad():
             views = self.dist.gather(self.dist.exchange(self._local_setup))
             if any(v != views[0] for v in views):
                 raise CtrLoRAError(
-                    f"{LABEL}: the processes see different datasets or saved runs ({views}); every machine needs the "
-                    "same condition folders and the output folder on a shared filesystem.")
-            self._encode()
+                    f"{LABEL}: the processes see different data or saved runs ({views}); every machine needs the "
+                    "same data folder and output folder (a shared filesystem).")
+            self.plan = Plan(self.config.seed, self.data.sizes(), self.config.batch_size, self.micro_batches,
+                             mixed=self.config.mix == "micro-batch")
             self.dist.exchange(self._setup_training)
             self.wrapped = self.dist.wrap(self.module, self.device)
         return self
 
     # --- the loop ----------------------------------------------------------------------------------------------------
-    def batch(self, step):
-        """``(condition, loss inputs)`` of this process's part of the global batch at ``step``."""
-        name = self.plan.condition(step)
-        items = self.plan.items(step, self.positions)
-        dropped, timesteps, noise = self.plan.draws(step, self.objective.num_timesteps, self.config.prompt_dropout,
-                                                    self.latent_shape)
-        mine = slice(self.positions.start, self.positions.stop)
-        data, rows, device = self.data[name], self.rows[name][items], self.device
-        prompt_ids = torch.where(dropped[mine], torch.zeros_like(rows), data.prompt_ids[rows])
-        return name, {
-            "hint": data.hints[rows].to(device), "x0": data.targets[rows].to(device),
-            "context": data.context_batch(prompt_ids, device, torch.float32),
-            "timesteps": timesteps[mine].to(device), "noise": noise[mine].to(device),
-        }
+    def batches(self, end):
+        """This process's micro-batches from the current step to ``end``, read by the DataLoader workers:
+        ``(step, j, condition, loss inputs)``."""
+        data = loader(self.data, self.plan, self.mine, self.step, end, self.config.workers)
+        micro = iter(data)
+        for step in range(self.step, end):
+            for j in self.mine:
+                name, tensors = next(micro)
+                dropped, timesteps, noise = self.plan.draws(step, j, self.objective.num_timesteps,
+                                                            self.config.prompt_dropout, self.latent_shape)
+                empty = self.data.empty_prompts[name]
+                contexts = [empty if drop else c for drop, c in zip(dropped.tolist(), tensors["context"])]
+                yield step, j, name, {
+                    "hint": tensors["hint"].to(self.device), "x0": tensors["x0"].to(self.device),
+                    "context": context_batch(contexts, self.device, torch.float32),
+                    "timesteps": timesteps.to(self.device), "noise": noise.to(self.device),
+                }
 
-    def train_step(self, step):
-        """Step ``step`` (0-based): one condition's batch, gradients averaged over the processes, one AdamW step.
-        Returns ``(condition, mean loss of the global batch)``."""
-        name, batch = self.batch(step)
-        with self.autocast():
-            loss = self.wrapped(name, batch)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        value = self.dist.mean(loss.item(), self.device)
-        if not math.isfinite(value) and self.scaler is None:
-            raise CtrLoRAError(f"{LABEL}: the loss became {value} at step {step + 1}; lower the learning rate.")
+    def train_step(self, micro_batches):
+        """One update from this process's ``grad_accum`` micro-batches (``(step, j, condition, inputs)``):
+        gradients averaged over every micro-batch of every process, one AdamW step. Returns the mean loss."""
+        total = 0.0
+        for k, (step, _, name, batch) in enumerate(micro_batches):
+            last = k == self.config.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.active else self.wrapped.no_sync()
+            with sync:
+                with self.updater.autocast():
+                    loss = self.wrapped(name, batch)
+                self.updater.backward(loss, self.config.grad_accum)
+            total += loss.item() / self.config.grad_accum
+        value = self.dist.mean(total, self.device)
+        self.updater.check_loss(value, step + 1)
         self.in_update = True
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        # As the official run (torch 1.13): gradients are zeroed, not dropped (see the module doc).
-        self.optimizer.zero_grad(set_to_none=False)
+        self.updater.step(step + 1)
         self.in_update = False
-        return name, value
-
-    autocast = Trainer.autocast  # the same mixed precision as the training issue's loop (uses device and dtype)
+        return value
 
     def _loop(self):
         config = self.config
@@ -449,36 +325,37 @@ class Pretrainer:
         checkpointing = gradient_checkpointing(checkpoint_targets(self.base.model, self.objective.unet)) \
             if config.gradient_checkpointing else contextlib.nullcontext()
         self.log(f"training {', '.join(self.names)} from step {self.step} to {end} of {config.steps} "
-                 f"({self.dist.world} process(es), global batch {self.global_batch})")
+                 f"({self.dist.world} process(es) x accumulation {config.grad_accum} x batch {config.batch_size}, "
+                 f"a condition per {config.mix}; {self.precision.describe()})")
+        self.log(self.files.disk_estimate(self.base_tensors(), {n: self.lora_tensors(n) for n in self.names},
+                                          self.optimizer, config))
         started, first, last_log = time.monotonic(), self.step, 0.0
+        micro = self.batches(end)
         with checkpointing:
             while self.step < end:
-                name, loss = self.train_step(self.step)
+                loss = self.train_step([next(micro) for _ in range(config.grad_accum)])
                 self.step += 1
-                self.losses.append((self.step, name, loss))
+                self.losses.append((self.step, loss))
                 now = time.monotonic()
                 if now - last_log >= 10 or self.step == end:
                     speed = (now - started) / (self.step - first)
-                    self.log(f"step {self.step}/{config.steps} {name} loss {loss:.5f} ({speed:.3f} s/step)")
+                    self.log(f"step {self.step}/{config.steps} loss {loss:.5f} ({speed:.3f} s/step)")
                     last_log = now
                 if config.save_every and self.step % config.save_every == 0 and self.step < end:
                     self.save_state()
+        self.updater.check_finished()
         return self.step >= config.steps
 
     # --- saving ------------------------------------------------------------------------------------------------------
-    def _metadata(self, kind, condition=None):
-        data = {name: len(self.rows[name]) for name in self.names}
-        metadata = {
-            "ctrlora_format": kind, "trainer": TRAINER, "steps": self.step, "rank": self.config.rank,
-            "conditions": ",".join(self.names), "resolution": self.config.resolution, "learning_rate": self.config.lr,
-            "global_batch": self.global_batch, "seed": self.config.seed, "prompt_dropout": self.config.prompt_dropout,
-            "model": self.model_name, "init": self.run_config()["init"], "dataset_sizes": json.dumps(data),
-        }
-        if kind == "base":
-            metadata["lora_layer_keys_from"] = self.names[0]
-        else:
-            metadata.update(condition=condition, base=os.path.basename(self.base_path), dataset_size=data[condition])
-        return metadata
+    def metadata(self):
+        sizes = self.data.sizes()
+        return {"trainer": "comfyui-ctrlora pretrain_base", "steps": self.step, "rank": self.config.rank,
+                "conditions": ",".join(self.names), "resolution": self.data.info(self.names[0])["resolution"],
+                "learning_rate": self.config.lr, "batch_size": self.config.batch_size,
+                "grad_accum": self.config.grad_accum, "processes": self.dist.world, "mix": self.config.mix,
+                "seed": self.config.seed, "prompt_dropout": self.config.prompt_dropout, "model": self.model_name,
+                "init": self.run_config()["init"], "dataset_sizes": sizes,
+                "precision": self.precision.describe(), "skipped_steps": self.updater.skipped}
 
     def lora_tensors(self, name):
         """A condition's LoRA file: its LoRA layers plus the shared zero convs, middle_block_out and norms."""
@@ -488,20 +365,11 @@ class Pretrainer:
         return ConditionAdapter({n: t.detach() for n, t in tensors.items()}, adapter.rank).file_tensors()
 
     def base_tensors(self):
-        """The base file: every shared tensor, plus the first condition's LoRA layers (see the module doc)."""
+        """The base file: every shared tensor, plus the first condition's LoRA layers (as released bases)."""
         tensors = {k: v.detach() for k, v in self.base.model.state_dict().items()}
         first = self.lora_tensors(self.names[0])
         tensors.update({k: v for k, v in first.items() if "lora_layer" in k})
         return tensors
-
-    def write_outputs(self, folder):
-        """The base and every condition's LoRA in ``folder`` (existing files are kept: same run, same step)."""
-        base_path, lora_paths = self.output_files(folder)
-        for path, tensors, metadata in [(base_path, self.base_tensors(), self._metadata("base"))] + \
-                [(lora_paths[n], self.lora_tensors(n), self._metadata("lora", n)) for n in self.names]:
-            if not os.path.exists(path):
-                save_lora_file(tensors, path, metadata)
-        return base_path, lora_paths
 
     def named_tensors(self):
         """Every trained tensor under its name in the state, in the optimizer's order."""
@@ -511,31 +379,23 @@ class Pretrainer:
         assert [id(t) for _, t in named] == [id(p) for p in self.module.parameters()]
         return named
 
+    def _outputs(self):
+        return self.base_tensors(), {n: self.lora_tensors(n) for n in self.names}, self.metadata()
+
     def save_state(self):
         """Process 0 writes the resumable state and a snapshot of the outputs at the current step boundary."""
         if not self.dist.is_writer:
             return None
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.named_tensors()}
-        optimizer_tensors, optimizer_document = run_state.optimizer_entries(self.optimizer)
-        tensors.update(optimizer_tensors)
-        conditions = [{"name": n, "folder": self.conditions[n], "pairs": len(self.pairs[n]),
-                       "fingerprint": fingerprint(self.pairs[n], self.config.resolution)} for n in self.names]
-        run_state.write_state(self.run_folder, self.step, tensors, {
-            "kind": "pretrain", "config": self.run_config(), "conditions": conditions,
-            "param_names": self.param_names, "optimizer": optimizer_document, "world": self.dist.world,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "losses": [list(x) for x in self.losses],
-        })
-        return self.write_outputs(os.path.join(self.run_folder, f"step{self.step:06d}"))
+        conditions = [{"name": n, "folder": self.data.folders[n], "pairs": self.data.sizes()[n],
+                       "fingerprint": self.data.info(n)["fingerprint"]} for n in self.names]
+        return self.files.save(self.step, tensors, self.optimizer, {
+            "kind": "pretrain", "config": self.run_config(), "conditions": conditions, "world": self.dist.world,
+            "param_names": self.param_names, "updater": self.updater.state(),
+            "losses": [list(x) for x in self.losses]}, *self._outputs(), keep=self.config.keep_snapshots)
 
     def _finish(self):
-        paths = None
-        if self.dist.is_writer:
-            paths = self.write_outputs(self.output_folder)
-            run_state.remove_state(self.run_folder)
-            if os.path.isdir(self.run_folder) and not os.listdir(self.run_folder):
-                os.rmdir(self.run_folder)
-        return paths
+        return self.files.finish(*self._outputs()) if self.dist.is_writer else None
 
     def run(self):
         self.prepare()
@@ -549,125 +409,17 @@ class Pretrainer:
                 raise
             paths = self.dist.exchange(self._finish if finished else self.save_state)
         status = "done" if finished else "stopped"
-        base_path, lora_paths = paths or self.output_files(self.output_folder)
+        base_path, lora_paths = paths or self.files.output_files(self.output_folder)
         lines = [f"{status} at step {self.step}/{self.config.steps}: base {base_path}; " +
                  ", ".join(f"{n}: {os.path.basename(p)}" for n, p in lora_paths.items())]
         if not finished:
             lines.append("run again with resume to continue")
-        lines += [f"{n}: {len(self.rows[n])} pairs" + (f", {len(self.unreadable[n])} unreadable skipped"
-                                                        if self.unreadable[n] else "") for n in self.names]
+        for name in self.names:
+            unreadable = self.data.info(name)["unreadable"]
+            lines.append(f"{name}: {self.data.sizes()[name]} pairs" +
+                         (f", {len(unreadable)} unreadable skipped when prepared" if unreadable else ""))
+        if self.updater.skipped:
+            lines.append(f"{self.updater.skipped} of {self.step} updates were skipped by the fp16 loss scaler")
         lines += self.notes
         self.log("; ".join(lines))
         return PretrainResult(status, self.step, base_path, lora_paths, list(self.losses), "\n".join(lines))
-
-
-# --- the command line ------------------------------------------------------------------------------------------------
-
-def load_models(checkpoint=None, models_from=None):
-    """``(MODEL, prompt encoder, VAE, name)`` from a ComfyUI checkpoint file (a path, or a name in
-    models/checkpoints), or from ``file.py:function`` / ``module:function`` returning ``(MODEL, CLIP or prompt
-    encoder, VAE)``."""
-    import comfy.sd
-    import folder_paths
-    if models_from:
-        target, _, function = models_from.rpartition(":")
-        if not target or not function:
-            raise CtrLoRAError(f"{LABEL}: --models-from {models_from!r}: write it as file.py:function or "
-                               "module:function.")
-        if target.endswith(".py"):
-            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))  # its own imports
-            spec = importlib.util.spec_from_file_location(f"ctrlora_models_{abs(hash(target))}", target)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        model, text, vae = getattr(module, function)()
-        name = models_from
-    else:
-        path = checkpoint if os.path.isfile(checkpoint) else folder_paths.get_full_path("checkpoints", checkpoint)
-        if path is None:
-            raise CtrLoRAError(f"{LABEL}: checkpoint {checkpoint} not found (a path, or a file in models/checkpoints).")
-        name = os.path.basename(path)
-        try:
-            model, text, vae, _ = comfy.sd.load_checkpoint_guess_config(
-                path, output_vae=True, output_clip=True,
-                embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CtrLoRAError(f"{LABEL}: {name} is not a Stable Diffusion checkpoint ComfyUI can load ({first}).") from e
-        if text is None or vae is None:
-            raise CtrLoRAError(f"{LABEL}: {name} has no {'CLIP' if text is None else 'VAE'}; use a full checkpoint.")
-    encode = clip_prompt_encoder(text) if hasattr(text, "tokenize") else text
-    return model, encode, vae, name
-
-
-def parser():
-    p = argparse.ArgumentParser(
-        prog="pretrain_base.py", description=(
-            "Pretrain a CtrLoRA Base ControlNet on several conditions (one LoRA each), on one process or, under "
-            "torchrun, on many GPUs or machines (DDP; NCCL on GPUs, gloo on the CPU)."))
-    models = p.add_mutually_exclusive_group(required=True)
-    models.add_argument("--checkpoint", help="SD1.5-family checkpoint (path, or a name in ComfyUI's models/checkpoints)")
-    models.add_argument("--models-from", metavar="FILE.py:FUNCTION",
-                        help="advanced: a function returning (MODEL, CLIP or prompt encoder, VAE)")
-    p.add_argument("--condition", action="append", default=[], metavar="NAME=FOLDER", required=True,
-                   help="a condition and its dataset folder (prompt.json, or source/ + target/); repeat per condition")
-    p.add_argument("--init-base", help="continue from an existing base file instead of the checkpoint's UNet")
-    p.add_argument("--output-dir", help="where the files go (default: ComfyUI's models/ctrlora)")
-    p.add_argument("--name", default="ctrlora_sd15_basecn", help="base file name; LoRAs are <name>_<cond>_rank<r>")
-    p.add_argument("--prompt-template", default="", help="prompt from the file name, e.g. 'a photo, {name}'")
-    p.add_argument("--name-pattern", default="", help="names the file-name fields for the template")
-    defaults = PretrainConfig()
-    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (official: 128)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process (official: 4 per GPU)")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (official: 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout)
-    p.add_argument("--resolution", type=int, default=defaults.resolution)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between resumable saves")
-    p.add_argument("--stop-after", type=int, default=0, help="save and stop at this step (then --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the saved run of --name")
-    p.add_argument("--precision", default=defaults.precision, choices=["auto", *PRECISIONS])
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU (gloo) even with CUDA")
-    return p
-
-
-def main(argv=None, dist=None):
-    """The command line. Returns the exit status (0 done or stopped, 2 bad input)."""
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    own_dist = dist is None
-    dist = dist or Distributed.from_env(cpu=args.cpu)
-    try:
-        config = PretrainConfig(
-            rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
-            resolution=args.resolution, seed=args.seed, save_every=args.save_every, stop_after=args.stop_after,
-            precision=args.precision, weight_decay=args.weight_decay, gradient_checkpointing=args.gradient_checkpointing)
-        config.validate()
-        conditions = parse_conditions(args.condition)
-        output = args.output_dir or _default_output_folder()
-        model, encode, vae, model_name = dist.exchange(lambda: load_models(args.checkpoint, args.models_from))
-        result = Pretrainer(model, encode, vae, conditions, output, args.name, config, template=args.prompt_template,
-                            name_pattern=args.name_pattern, init_base=args.init_base, resume=args.resume, dist=dist,
-                            model_name=model_name, log=lambda message: print(message, flush=True)).run()
-    except CtrLoRAError as e:
-        if dist.is_writer:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if own_dist:
-            dist.close()
-    if dist.is_writer:
-        print(result.report, flush=True)
-    return 0
-
-
-def _default_output_folder():
-    import folder_paths
-    return folder_paths.get_folder_paths("ctrlora")[0]
-

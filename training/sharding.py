@@ -1,20 +1,20 @@
-"""Which condition each pretraining step trains, and which pairs each process uses for it.
+"""Which condition and which pairs each micro-batch of the pretraining trains: a pure function of the seed and the
+shape of an update, never of the number of processes.
 
-The plan depends on the seed, the conditions' sizes and the *global* batch only, never on the number of
-processes, and it has no state besides the step:
+An update (optimizer step) averages ``micro_batches`` micro-batches of ``micro_batch`` pairs each (processes x
+gradient accumulation); micro-batch ``j`` of update ``s`` is the same samples whichever process computes it.
+Process ``r`` with accumulation ``k`` computes ``j = r k .. r k + k - 1`` (``micro_batches_of``), so 2 processes x
+accumulation 2 train on exactly the samples of 1 process x accumulation 4, and a saved run continues on another
+number of processes with the same ``processes x accumulation``.
 
-* Conditions come in rounds: each round visits every condition once, in an order shuffled per round (the
-  official ``BatchSchedulerSampler``: one single-task batch per task per round). All processes train the same
-  condition in a step.
-* The global batch of ``B`` (batch per process x processes) has positions ``0 .. B-1``. With ``N`` usable pairs,
-  position ``p`` draws from group ``p mod G`` (``G = min(N, B)``): the pairs ``i`` with ``i mod G == p mod G``, in
-  an order reshuffled each time the group is used up. Process ``r`` of ``W`` handles positions
-  ``[r B/W, (r+1) B/W)`` and so needs only the pairs of its groups: its shard (disjoint shards when ``N >= B``).
-* Prompt dropout, timesteps and noise are drawn for the whole global batch from a generator seeded by
-  ``(seed, step)``; each process takes its slice.
-
-So ``W`` processes with batch ``b`` train on exactly the samples of one process with batch ``W b``, and a saved
-run can continue on another number of processes with the same global batch.
+* Conditions come in rounds: each round visits every condition once, in an order shuffled per round (as the official
+  ``BatchSchedulerSampler``: one single-condition batch per condition per round). ``mixed`` (the official update,
+  the default): the rounds run over the micro-batches, so one update mixes conditions and each process draws its own
+  condition per micro-batch. Otherwise the rounds run over the updates: every micro-batch of an update trains the
+  same condition.
+* Pairs: each condition's pairs are used in a fresh seeded permutation per epoch; the ``c``-th sample drawn from a
+  condition is pair ``permutation(epoch = c // N)[c % N]``, ``c`` counted from the start of the run.
+* Prompt dropout, timesteps and noise of a micro-batch come from a generator seeded by ``(seed, step, j)``.
 """
 import functools
 import hashlib
@@ -32,13 +32,21 @@ def generator(*parts):
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def micro_batches_of(rank, grad_accum):
+    """The micro-batch indices ``j`` process ``rank`` computes in each update."""
+    return range(rank * grad_accum, (rank + 1) * grad_accum)
+
+
 class Plan:
-    def __init__(self, seed, sizes, global_batch):
-        """``sizes``: ``{condition: number of usable pairs}``; conditions are taken in sorted order."""
+    def __init__(self, seed, sizes, micro_batch, micro_batches, mixed=True):
+        """``sizes``: ``{condition: number of pairs}`` (taken in sorted order); ``micro_batch``: pairs per
+        micro-batch; ``micro_batches``: micro-batches per update (processes x gradient accumulation)."""
         self.seed = seed
         self.names = sorted(sizes)
         self.sizes = dict(sizes)
-        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.micro_batches = micro_batches
+        self.mixed = mixed
 
     # --- conditions ---------------------------------------------------------------------------------------------
     @functools.lru_cache(maxsize=64)
@@ -46,55 +54,46 @@ class Plan:
         order = torch.randperm(len(self.names), generator=generator(self.seed, "round", index))
         return [self.names[i] for i in order.tolist()]
 
-    def condition(self, step):
-        """The condition step ``step`` (0-based) trains."""
-        index, position = divmod(step, len(self.names))
+    def _unit(self, step, j):
+        """The position in the sequence the condition rounds run over."""
+        return step * self.micro_batches + j if self.mixed else step
+
+    def _condition_at(self, unit):
+        index, position = divmod(unit, len(self.names))
         return self._round(index)[position]
 
-    def uses_before(self, name, step):
-        """How many of the steps before ``step`` trained ``name``."""
-        index, position = divmod(step, len(self.names))
+    def _uses_before(self, name, unit):
+        index, position = divmod(unit, len(self.names))
         return index + (name in self._round(index)[:position])
 
+    def condition(self, step, j):
+        """The condition micro-batch ``j`` of update ``step`` (0-based) trains."""
+        return self._condition_at(self._unit(step, j))
+
     # --- pairs --------------------------------------------------------------------------------------------------
-    def _groups(self, name):
-        return min(self.sizes[name], self.global_batch)
+    @functools.lru_cache(maxsize=16)
+    def _permutation(self, name, epoch):
+        return torch.randperm(self.sizes[name], generator=generator(self.seed, "order", name, epoch))
 
-    @functools.lru_cache(maxsize=1024)
-    def _group_order(self, name, group, epoch):
-        count = len(range(group, self.sizes[name], self._groups(name)))
-        return torch.randperm(count, generator=generator(self.seed, "order", name, group, epoch)).tolist()
-
-    def items(self, step, positions):
-        """The pair indices (into the condition's usable pairs) of ``positions`` of the global batch at ``step``."""
-        name = self.condition(step)
-        uses = self.uses_before(name, step)
-        groups = self._groups(name)
+    def items(self, step, j):
+        """``(condition, pair indices)`` of micro-batch ``j`` of update ``step``."""
+        unit = self._unit(step, j)
+        name = self._condition_at(unit)
+        before = self._uses_before(name, unit) * self.micro_batch
+        if not self.mixed:  # every micro-batch of an update draws from the same condition
+            before = before * self.micro_batches + j * self.micro_batch
+        size = self.sizes[name]
         picked = []
-        for p in positions:
-            group = p % groups
-            count = len(range(group, self.sizes[name], groups))
-            epoch, index = divmod(uses, count)
-            picked.append(group + groups * self._group_order(name, group, epoch)[index])
-        return picked
+        for c in range(before, before + self.micro_batch):
+            epoch, index = divmod(c, size)
+            picked.append(int(self._permutation(name, epoch)[index]))
+        return name, picked
 
-    def shard(self, name, positions):
-        """Every pair index of ``name`` that ``positions`` can ever draw: a process's shard."""
-        groups = self._groups(name)
-        owned = {p % groups for p in positions}
-        return [i for i in range(self.sizes[name]) if i % groups in owned]
-
-    def draws(self, step, num_timesteps, prompt_dropout, latent_shape):
-        """The global batch's ``(dropped [B] bool, timesteps [B], noise [B, *latent_shape])`` at ``step``."""
-        g = generator(self.seed, "step", step)
-        batch = self.global_batch
-        dropped = torch.rand(batch, generator=g) < prompt_dropout
-        timesteps = torch.randint(0, num_timesteps, (batch,), generator=g)
-        noise = torch.randn((batch, *latent_shape), generator=g)
+    def draws(self, step, j, num_timesteps, prompt_dropout, latent_shape):
+        """``(dropped [b] bool, timesteps [b], noise [b, *latent_shape])`` of micro-batch ``j`` of update ``step``."""
+        g = generator(self.seed, "draw", step, j)
+        b = self.micro_batch
+        dropped = torch.rand(b, generator=g) < prompt_dropout
+        timesteps = torch.randint(0, num_timesteps, (b,), generator=g)
+        noise = torch.randn((b, *latent_shape), generator=g)
         return dropped, timesteps, noise
-
-
-def positions(rank, world, global_batch):
-    """The global batch positions process ``rank`` of ``world`` trains."""
-    per = global_batch // world
-    return range(rank * per, (rank + 1) * per)
