@@ -84,7 +84,8 @@ def test_each_workflow_loads_into_the_canvas_without_missing_nodes(name, comfy):
 def test_the_pack_nodes_can_be_added_from_the_node_search(node_type, blank):
     page = blank.page
     box = page.locator("#graph-canvas").bounding_box()
-    search = page.get_by_placeholder("Search Nodes...")
+    # The search dialog's text combobox (its node preview has widget comboboxes), as in both search boxes (v1, v2).
+    search = page.get_by_role("search").locator("input[role='combobox']")
     for attempt in range(3):  # a double click on empty canvas opens the search box
         page.mouse.dblclick(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2 + 40 * attempt)
         try:
@@ -94,7 +95,8 @@ def test_the_pack_nodes_can_be_added_from_the_node_search(node_type, blank):
             if attempt == 2:
                 raise
     search.fill(SEARCHABLE[node_type])
-    option = page.get_by_role("option").filter(has_text=SEARCHABLE[node_type]).first
+    results = page.locator(f"[id='{search.get_attribute('aria-controls')}']")  # the listbox the combobox names
+    option = results.get_by_role("option").filter(has_text=SEARCHABLE[node_type]).first
     option.wait_for(timeout=10_000)
     blank.screenshot(f"ui-search-{node_type}.png")
     option.click()

@@ -22,7 +22,12 @@ from test_server import PACK_LINK, Server
 CHROMIUM = os.environ.get("CTRLORA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
+# The frontend the page comes from: the host's own (its comfyui-frontend-package), or an unpacked frontend folder
+# served with ComfyUI's --front-end-root (scripts/test.sh --newest-frontend sets this; screenshots go in a subfolder).
+FRONTEND_ROOT = os.environ.get("CTRLORA_FRONTEND_ROOT") or None
+FRONTEND_ARGS = ["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else []
+ARTIFACTS = os.path.join(ROOT, "tests", "artifacts",
+                         *([f"frontend-{os.path.basename(FRONTEND_ROOT.rstrip('/'))}"] if FRONTEND_ROOT else []))
 WORKFLOWS = os.path.join(ROOT, "workflows")
 # Screenshots: nodes drawn in full detail at any zoom, no minimap over the graph.
 READABLE = {"Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
@@ -83,7 +88,7 @@ class UIServer(Server):
                           f"    base_path: {models}\n"
                           + "".join(f"    {folder}: {folder}/\n" for folder in self.models)
                           + f"    custom_nodes: {packs}\n")
-        self.launch(config, base, "--input-directory", str(self.input_dir))
+        self.launch(config, base, "--input-directory", str(self.input_dir), *FRONTEND_ARGS)
         return self
 
     def queue(self, prompt, client_id=None):
