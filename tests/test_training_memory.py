@@ -186,7 +186,12 @@ def test_estimate_leaves_models_and_comfyui_as_they_were(small_base_file):
     modules = (loss_of.unet, base.model, adapter)
     before = [(id(t), t.data_ptr(), t._version, t.device) for m in modules for t in m.parameters()]
     attention = comfy_attention.optimized_attention
+    # A LoRA ComfyUI applies at each op (a partly loaded model): it needs real weights, so the probe sets it aside.
+    patched = next(m for m in loss_of.unet.modules() if hasattr(m, "weight_function"))
+    patch = [lambda weight: weight * float(weight.abs().max())]
+    patched.weight_function = patch
     memory.training_memory_required(loss_of, base, [2, 4, 16, 16], torch.bfloat16, True, adapter)
+    assert patched.weight_function is patch
     assert [(id(t), t.data_ptr(), t._version, t.device) for m in modules for t in m.parameters()] == before
     assert comfy_attention.optimized_attention is attention
     assert not any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())

@@ -213,6 +213,25 @@ class _SavedTensors:
 
 
 @contextlib.contextmanager
+def _without_weight_functions(models):
+    """ComfyUI's per-op weight patches (``weight_function``/``bias_function``: LoRAs applied at each op when a model
+    is partly loaded) change values, not shapes, and cannot run on meta weights: set aside during the probe."""
+    patched = []
+    try:
+        for model in models:
+            for module in model.modules():
+                for attr in ("weight_function", "bias_function"):
+                    functions = getattr(module, attr, None)
+                    if functions:
+                        patched.append((module, attr, functions))
+                        setattr(module, attr, [])
+        yield
+    finally:
+        for module, attr, functions in patched:
+            setattr(module, attr, functions)
+
+
+@contextlib.contextmanager
 def _block_hooks(modules, recorder):
     handles = []
     try:
@@ -268,6 +287,7 @@ def _probe(objective, base, adapter, latent_shape, compute_dtype):
         return control
 
     with torch.inference_mode(False), torch.enable_grad(), _probe_attention(), \
+            _without_weight_functions((unet, control_model)), \
             _block_hooks(checkpoint_targets(control_model, unet), recorder), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t), \
             _MetaMode(compute_dtype, base.load_device.type):
