@@ -398,7 +398,7 @@ def train_then_apply():
     )
     nodes, links = training_nodes("dental_lighting_seg_applied", 2)
     subject = DENTAL_TEMPLATE.format(jaw="upper", view="front")
-    nodes += [
+    nodes = [note("note", 0, read_me)] + nodes + [
         node("positive", "CLIPTextEncode", 1, {"text": subject}, title="Positive prompt", width=330),
         node("negative", "CLIPTextEncode", 1, {"text": NEGATIVE_GENERAL}, title="Negative prompt", width=330),
         node("image", "LoadImage", 3, {"image": "dental_condition.png"}, title="Load Image (new condition)",

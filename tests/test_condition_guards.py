@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import pack
 from helpers import apply, control_outputs, load_condition, nodes, sigmas_for
 from tiny import conditioning, tiny_model, tiny_vae
 
