@@ -98,7 +98,7 @@ class Soak:
             ids = [server.queue(self.prompt(i)) for i in range(first, stop)]
             entries = []
             for prompt_id in ids:
-                entries.append(server.wait(prompt_id, timeout))
+                entries.append(_wait(server, prompt_id, timeout))
                 peaks.append(process_memory(server.proc.pid)["peak_rss"])
             failed = [entry["status"] for entry in entries if entry["status"]["status_str"] != "success"]
             if failed:
@@ -111,3 +111,15 @@ class Soak:
                 "loaded_kinds": sorted({kind for report in reports for kind in report["loaded_models"]}),
                 "most_patchers": max(report["model_patchers"][0] for report in reports), "peaks": list(peaks)})
         return checks
+
+
+def _wait(server, prompt_id, timeout):
+    """``server.wait``, also through stalls of the server's HTTP loop (over 30 s while full-size files load on a busy
+    CPU)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return server.wait(prompt_id, max(deadline - time.monotonic(), 1))
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
