@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from test_server import NODES, PACK_LINK, graph as tiny_graph
-from tiny import GOLDEN
+from tiny import DATA, GOLDEN
 from ui_host import EXTENSION_URL, comfy_page, load_workflows, running_server
 
 WORKFLOWS = load_workflows()
@@ -32,6 +32,8 @@ def server(tmp_path_factory):
         shutil.copy(os.path.join(GOLDEN, name), golden / name)
     models = {folder: {name: None for name in names} for folder, names in PLACEHOLDERS.items()}
     models["ctrlora"].update({name: str(golden / name) for name in ("base.ckpt", "lora0.ckpt")})
+    # A real CtrLoRA-XL base file, so that Load CtrLoRA lists its built-in conditions ('<XL base>:canny').
+    models["ctrlora"]["ctrlora-xl-base.safetensors"] = os.path.join(DATA, "golden_xl_tiny", "base.safetensors")
     with running_server(tmp_path_factory.mktemp("ui_server"), models=models, fixtures=True) as server:
         yield server
 
@@ -346,6 +348,17 @@ def test_a_model_file_missing_from_the_models_folder_is_named_on_the_node(comfy)
     assert "huggingface.co/xyfJASON/ctrlora" in text
     box = comfy.fit_view(type_prefix="CtrLoRALoad", padding=60)
     comfy.screenshot("ui-missing-model-file.png", clip=box)
+
+
+def test_a_condition_missing_from_the_xl_base_file_is_named_on_the_node(comfy):
+    comfy.close_dialogs()
+    workflow = copy.deepcopy(WORKFLOWS["ctrlora-8-canny-sdxl.json"])
+    loader = next(n for n in workflow["nodes"] if n["type"] == "CtrLoRALoad")
+    loader["widgets_values"][0] = "ctrlora-xl-base.safetensors:lotus_normal"
+    assert comfy.load_workflow(workflow) == []
+    text = _node_widget_value(comfy, loader["id"], "ctrlora_notice")
+    assert text.startswith("Missing condition: no ctrlora-xl-base.safetensors with a built-in 'lotus_normal' in ")
+    assert "huggingface.co/Savlim/CtrLoRA-XL" in text
 
 
 def test_the_workflows_are_in_the_template_browser(server, blank):

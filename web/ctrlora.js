@@ -19,6 +19,7 @@ const MODEL_WIDGETS = {
   CtrLoRALoad: { widget: "lora_name", folder: "models/ctrlora/" },
 };
 const DOWNLOAD_HINT = "Released files: huggingface.co/xyfJASON/ctrlora";
+const XL_HINT = "CtrLoRA-XL files: huggingface.co/Savlim/CtrLoRA-XL";
 const FONT = "12px Arial, sans-serif";
 const LINE = 16;
 const PAD = 8;
@@ -425,6 +426,10 @@ function checkModelFile(node) {
   if (notice.tone === "error" && notice.text) return; // an error from the last run stays until the next run
   if (!list.length) {
     notice.set(`No CtrLoRA files in ${spec.folder} yet. Put them there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
+  } else if (widget.value && !list.includes(widget.value) && widget.value.includes(":")) {
+    // '<CtrLoRA-XL base file>:<condition>': a condition built into that base file
+    const [file, condition] = [widget.value.slice(0, widget.value.lastIndexOf(":")), widget.value.slice(widget.value.lastIndexOf(":") + 1)];
+    notice.set(`Missing condition: no ${file} with a built-in '${condition}' in ${spec.folder}. Put the base there and press R, or pick a condition this list offers.\n${XL_HINT}`, "hint");
   } else if (widget.value && !list.includes(widget.value)) {
     notice.set(`Missing file: this one is not in ${spec.folder}. Download it there, then press R to refresh.\n${DOWNLOAD_HINT}`, "hint");
   } else if (notice.text) {
