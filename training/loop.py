@@ -81,11 +81,6 @@ class TrainConfig:
         if problems:
             raise CtrLoRAError(f"{LABEL}: " + "; ".join(problems) + ".")
 
-    def compute_dtype(self, device):
-        """The compute dtype for models ComfyUI keeps in fp32 (pretraining's choice; Train CtrLoRA uses
-        ``precision.choose_precision`` with the models' own dtypes)."""
-        return choose_precision(self.precision, device, (), LABEL).compute
-
     def advice(self):
         """What to try when a step fails, in this run's settings."""
         return (f"a lower learning_rate (now {self.lr:g}), precision fp32 (start ComfyUI with --fp32-unet), or "
