@@ -13,7 +13,6 @@ import re
 
 import safetensors
 
-RELEASED_BASE = "ctrlora-xl-base.safetensors"  # the name the port's README gives (its model page is unlisted)
 HINT_CONV = "conv_in_condition.weight"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
