@@ -1,6 +1,7 @@
 """Messages a pack node writes on itself in the page (web/ctrlora.js draws them), beside the server log."""
 import logging
-import sys
+
+from ..training.progress import executing_node, prompt_server
 
 WARNING_EVENT = "ctrlora.node.warning"
 
@@ -9,15 +10,11 @@ def warn_on_node(text):
     """Logs ``text`` and sends it to the page for the node ComfyUI is running now, which shows it on that node
     until the next run."""
     logging.warning(text)
-    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    try:
-        from comfy_execution.utils import get_executing_context
-        context = get_executing_context()
-    except ImportError:
-        context = None
-    if server is None or context is None:
+    server = prompt_server()
+    prompt_id, node_id = executing_node()
+    if server is None or node_id is None:
         return
     try:
-        server.send_sync(WARNING_EVENT, {"node": context.node_id, "prompt_id": context.prompt_id, "message": text})
+        server.send_sync(WARNING_EVENT, {"node": node_id, "prompt_id": prompt_id, "message": text})
     except Exception as e:  # a message to the page must never stop a run
         logging.debug("CtrLoRA: warning not sent to the page: %s", e)

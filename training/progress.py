@@ -28,7 +28,7 @@ def _json_number(value):
     return value if math.isfinite(value) else None
 
 
-def _executing():
+def executing_node():
     """(prompt_id, node_id) of the node ComfyUI is running now, where this ComfyUI tells."""
     try:
         from comfy_execution.utils import get_executing_context
@@ -38,14 +38,14 @@ def _executing():
     return (context.prompt_id, context.node_id) if context is not None else (None, None)
 
 
-def _prompt_server():
+def prompt_server():
     server = sys.modules.get("server")  # only a running ComfyUI has imported it
     return getattr(getattr(server, "PromptServer", None), "instance", None)
 
 
 class ComfyReporter:
     def __init__(self, node_id=None, output="", min_interval=0.25, log_every_s=10.0):
-        self.prompt_id, running = _executing()
+        self.prompt_id, running = executing_node()
         self.node_id = node_id if node_id is not None else running
         self.output = output
         self.min_interval = min_interval
@@ -68,7 +68,7 @@ class ComfyReporter:
         self.bar.update_absolute(value, total, preview)
 
     def _send(self, data):
-        server = _prompt_server()
+        server = prompt_server()
         if server is None:
             return
         try:
@@ -77,7 +77,7 @@ class ComfyReporter:
             logging.debug("Train CtrLoRA: progress event not sent: %s", e)
 
     def _text(self, text):
-        server = _prompt_server()
+        server = prompt_server()
         if server is None or self.node_id is None or not hasattr(server, "send_progress_text"):
             return
         try:
