@@ -65,6 +65,13 @@ function refresh(node) {
   node.ctrloraMinHeight ??= node.size[1];
   const wanted = node.computeSize();
   node.setSize([Math.max(node.size[0], wanted[0]), Math.max(wanted[1], node.ctrloraMinHeight)]);
+  redraw(node);
+}
+
+// The classic canvas redraws when marked dirty; Nodes 2.0 (Vue nodes) draws each of our widgets into a canvas of its
+// own, redrawn only through the triggerDraw it gives the widget.
+function redraw(node) {
+  for (const widget of node.widgets ?? []) if (widget.name?.startsWith("ctrlora_")) widget.triggerDraw?.();
   node.setDirtyCanvas?.(true, true);
   app.graph?.setDirtyCanvas(true, true);
 }
@@ -465,8 +472,7 @@ app.registerExtension({
       const chart = lossChart(node);
       chart.update(detail);
       if (detail.status === "error" && detail.message) panel(node, "ctrlora_notice").set(detail.message, "error");
-      node.setDirtyCanvas?.(true, true);
-      app.canvas?.setDirty(true, true);
+      redraw(node);
     });
 
     api.addEventListener(WARNING_EVENT, ({ detail }) => {
