@@ -37,7 +37,9 @@ starts), loaded with ``load_base``.
 "Setup" is the time to scan and encode the dataset and load the models (for ``ours`` it includes building the
 cache, a one-time cost). Each measurement runs in its own process (so peak memory is that loop's alone): setup
 (models, data, the cache), ``--warmup`` untimed steps, ``--steps`` timed steps. Rounds rotate the order of the
-loops so load changes on the machine affect all of them alike; the table shows the median steps/s over rounds.
+loops so load changes on the machine affect all of them alike; the table shows the median steps/s over rounds (on
+the CPU: steps per CPU second of the process, which a shared machine's load does not distort; with ``--threads 1``
+that is the step's own time).
 Memory: on CPU the peak resident set size during one warm-up and one step (``VmHWM`` after resetting it) and its
 growth over the resident size after setup, from an extra short run per loop in which glibc hands freed blocks of
 128 KiB or more back to the system (so the resident size follows the live tensors); on CUDA
@@ -326,12 +328,13 @@ def worker(args):
         for _ in range(args.warmup):
             trainer.train_step()
         sync()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         losses = [trainer.train_step() for _ in range(args.steps)]
         sync()
-        elapsed = time.perf_counter() - started
+        elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
     print(json.dumps({
-        "size": size, "loop": name, "steps_per_s": args.steps / elapsed, "prepare_s": prepare_s,
+        "size": size, "loop": name, "steps_per_s": args.steps / elapsed, "steps_per_cpu_s": args.steps / cpu_elapsed,
+        "prepare_s": prepare_s,
         "peak_bytes": memory.peak(), "baseline_bytes": memory.baseline, "final_loss": losses[-1],
         "estimate_bytes": estimate, "estimate_cpu_s": estimate_cpu_s,
         "dtype": str(trainer.precision.compute).replace("torch.", ""), "unet_dtype": str(trainer.objective.unet_dtype),
@@ -396,8 +399,8 @@ def main(argv=None):
                     result = run_worker(args, size, loop, data)
                     result["round"] = r
                     results.append(result)
-                    print(f"  {size} round {r + 1}/{rounds[size]} {loop:10s} {result['steps_per_s']:.3f} steps/s",
-                          file=sys.stderr)
+                    print(f"  {size} round {r + 1}/{rounds[size]} {loop:13s} {result['steps_per_s']:.3f} steps/s, "
+                          f"{result['steps_per_cpu_s']:.3f} per CPU s", file=sys.stderr)
             if args.device == "cpu":
                 for loop in (loop for loop in loops if loop not in RECAST):
                     memory = run_worker(args, size, loop, data, memory=True)
@@ -411,18 +414,22 @@ def main(argv=None):
 
 def report(args, sizes, loops, results):
     lines = [f"Train CtrLoRA benchmark - {platform.processor() or platform.machine()}, device {args.device}, "
-             f"threads {results[0]['threads']}, precision {args.precision}; median steps/s over rounds", ""]
+             f"threads {results[0]['threads']}, precision {args.precision}; median over rounds", ""]
     summary = {}
     for size in sizes:
         _, _, _, resolution, rank, batch = SIZES[size]
         rows = {loop: [r for r in results if r["size"] == size and r["loop"] == loop] for loop in loops}
-        speed = {loop: statistics.median(r["steps_per_s"] for r in rs) for loop, rs in rows.items()}
-        summary[size] = {loop: {"steps_per_s": speed[loop]} for loop in loops}
+        # On a shared CPU, CPU time is what load does not distort (one thread: it is the step's own time).
+        rate = "steps_per_cpu_s" if args.device == "cpu" else "steps_per_s"
+        speed = {loop: statistics.median(r[rate] for r in rs) for loop, rs in rows.items()}
+        wall = {loop: statistics.median(r["steps_per_s"] for r in rs) for loop, rs in rows.items()}
+        summary[size] = {loop: {rate: speed[loop], "steps_per_s": wall[loop]} for loop in loops}
+        unit = "steps per CPU s" if args.device == "cpu" else "steps/s"
         lines += [f"### {size}: {resolution} px, rank {rank}, batch {batch}, {args.steps_for[size]} timed steps, "
                   f"{len(rows[loops[0]])} round(s)", ""]
         compared = [loop for loop in loops if loop not in RECAST]
         if compared:
-            lines += ["| loop | compute | steps/s | x official, same memory setting | peak memory (MiB) | growth "
+            lines += [f"| loop | compute | {unit} | x official, same memory setting | peak memory (MiB) | growth "
                       "during steps (MiB) | estimate (MiB) | estimate / growth | setup (s) |",
                       "|---|---|---|---|---|---|---|---|---|"]
         for loop in compared:
@@ -440,7 +447,7 @@ def report(args, sizes, loops, results):
                 summary[size][loop]["x_official"] = speed[loop] / speed[PAIRS[loop]]
         recast = [loop for loop in loops if loop in RECAST]
         if recast:
-            lines += ["", "| frozen weights (ours, no checkpointing) | steps/s | x computed in their own dtype |",
+            lines += ["", f"| frozen weights (ours, no checkpointing) | {unit} | x computed in their own dtype |",
                       "|---|---|---|"]
             lines += [f"| {LOOPS[loop].label} | {speed[loop]:.3f} | {speed[loop] / speed[RECAST[0]]:.2f} |"
                       for loop in recast]

@@ -12,6 +12,7 @@ of every weight (``torch.func.functional_call``: the device weights are neither 
 compute dtype; on CUDA and MPS norms and softmax in fp32), whose copies are saved as the real ones are, and it
 replaces the few ops whose meta kernels are slow Python decompositions (linear, addmm, add, mul, group/layer norm,
 gelu) by stand-ins that save exactly what those ops save, so the probe costs about 0.15 s of CPU at SD1.5 size.
+ComfyUI's per-op weight patches (LoRAs on a partly loaded model) change values, not shapes: set aside meanwhile.
 
 Attention is counted as ComfyUI computes it (``comfy.ldm.modules.attention.optimized_attention``): its chunked
 implementations (``sub_quad``, ``split``, ``basic``: ComfyUI's choice on the CPU and on Apple MPS) save the
