@@ -185,6 +185,10 @@ def write_index(folder, name, count, source, scan_summary=""):
         raise CtrLoRAError(f"{LABEL}: condition '{name}' ({source['folder']}): no pair could be read "
                            f"({len(skipped)} unreadable).")
     first = next(s for s in shards if s["nsamples"])
+    shapes = {(tuple(s["latent_shape"]), s["context_dim"]) for s in shards if s["nsamples"]}
+    if len(shapes) > 1:
+        raise CtrLoRAError(f"{LABEL}: the shards of '{name}' in {folder} hold latents or prompt embeddings of "
+                           f"different shapes {sorted(shapes)}; delete that folder and prepare it again.")
     index = {
         "wids_version": 1, "name": name,
         "shardlist": [{"url": shard_name(k), "nsamples": s["nsamples"], "filesize": s["bytes"]}
