@@ -20,7 +20,7 @@ import pretrain_models
 import tiny
 from conftest import pack
 from sd15_standins import SD15_UNET
-from training_helpers import base_from_unet, core, golden_base, objective
+from training_helpers import base_from_unet, core, golden_base, objective, one_thread  # noqa: F401 (fixture)
 
 memory = importlib.import_module(f"{pack.__name__}.training.memory")
 checkpointing = importlib.import_module(f"{pack.__name__}.training.checkpointing")
@@ -29,15 +29,6 @@ checkpointing = importlib.import_module(f"{pack.__name__}.training.checkpointing
 # the step's own code on meta tensors, so only the stand-ins of a few ops and of attention can differ.
 ACTIVATION_FACTOR = 1.05
 SHAPES = [(1, 8), (2, 8), (1, 16), (2, 16)]  # (batch, latent side): two sizes, two batches
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared machine: one thread each avoids OpenMP's waits (the other tests' setting comes back)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stored_model(unet_config, dtype, seed=0):
