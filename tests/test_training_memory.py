@@ -98,7 +98,8 @@ def measured_step(loss_of, base, adapter, shape, compute_dtype, checkpointed, mo
     inputs["context"] = torch.randn(batch, memory.CONTEXT_TOKENS, tiny.CONTEXT_DIM, generator=generator)
     inputs["timesteps"] = torch.randint(0, 1000, (batch,), generator=generator)
     condition = core.Condition(base, adapter, "measured")
-    autocast = torch.autocast("cpu", dtype=compute_dtype) if compute_dtype != torch.float32 else contextlib.nullcontext()
+    half = compute_dtype != torch.float32
+    autocast = torch.autocast("cpu", dtype=compute_dtype) if half else contextlib.nullcontext()
     wrapped = checkpointing.gradient_checkpointing(checkpointing.checkpoint_targets(base.model, loss_of.unet)) \
         if checkpointed else contextlib.nullcontext()
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5)
@@ -149,12 +150,14 @@ def sd15_meta_setup():
     inner = config.get_model({}, device="meta")
     model = comfy.model_patcher.ModelPatcher(inner, load_device=torch.device("cpu"), offload_device="cpu")
     manifest = json.load(open(os.path.join(tiny.DATA, "sd15_key_manifest.json")))
+    base_keys = manifest["base_controlnet"]["keys_core_plus_zero_convs_and_norms"]
     meta = lambda keys: {k[len("control_model."):]: torch.empty(s, device="meta") for k, s in keys.items()}  # noqa: E731
-    control_model = core.model.build_from_state_dict(meta(manifest["base_controlnet"]["keys_core_plus_zero_convs_and_norms"]),
-                                                     torch.float16, "meta", comfy.ops.disable_weight_init, "sd15")
+    control_model = core.model.build_from_state_dict(meta(base_keys), torch.float16, "meta",
+                                                     comfy.ops.disable_weight_init, "sd15")
     control_model.set_attention_heads(SD15_UNET)
     base = core.BaseControlNet(control_model, "sd15", torch.device("cpu"), None)
-    adapter = core.ConditionAdapter.from_file_tensors(meta(manifest["lora_file_rank128"]["keys"]), control_model, "lora")
+    lora_keys = manifest["lora_file_rank128"]["keys"]
+    adapter = core.ConditionAdapter.from_file_tensors(meta(lora_keys), control_model, "lora")
     return objective.NoisePrediction(model, base), base, adapter
 
 
