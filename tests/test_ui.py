@@ -384,3 +384,80 @@ def test_the_workflows_are_in_the_template_browser(server, blank):
 
 def test_no_console_error_from_the_pack_during_the_session(comfy):
     assert comfy.own_console_errors() == []
+
+
+# The frontend's node rendering setting: the classic canvas, or Nodes 2.0 (Vue nodes, each widget of ours drawn into
+# a canvas of its own).
+RENDERINGS = {"classic": False, "nodes-2.0": True}
+PANEL_BORDERS = {"info": (74, 127, 184), "error": (208, 64, 64), "hint": (208, 160, 48)}  # web/ctrlora.js TONES
+
+
+@pytest.fixture(params=sorted(RENDERINGS))
+def rendering(request, server, comfy):
+    switch = "(on) => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on)"
+    comfy.evaluate(switch, RENDERINGS[request.param])
+    comfy.close_dialogs()
+    comfy.evaluate("() => window.app.graph.clear()")
+    comfy.page.wait_for_timeout(500)
+    yield request.param
+    comfy.evaluate(switch, False)
+
+
+def _pixels(path):
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def _shot(comfy, rendering, name, type_prefix):
+    box = comfy.fit_view(type_prefix=type_prefix, padding=30)
+    comfy.page.wait_for_timeout(500)
+    return comfy.screenshot(f"ui-{rendering}-{name}.png", clip=box)
+
+
+def test_the_extension_shows_and_updates_in_both_node_renderings(rendering, server, comfy):
+    """Loss chart and step counter, the training node's preview and report, LoRA info, an error and a missing-file
+    message: drawn and updated in the classic canvas and in Nodes 2.0 (checked on the screenshots' pixels)."""
+    node_id = _add_training_node(comfy)
+    run = {"node": str(node_id), "output": "dental", "prompt_id": f"run-{rendering}", "phase": "train", "total": 200}
+    losses = [[step, 0.2 * 0.99 ** step] for step in range(1, 201)]
+    _dispatch(comfy, {**run, "status": "running", "step": 20, "loss": losses[19][1], "losses": losses[:20]})
+    early = _shot(comfy, rendering, "training-step-20", "CtrLoRATrain")
+    _dispatch(comfy, {**run, "status": "running", "step": 200, "loss": losses[-1][1], "losses": losses[20:]})
+    late = _shot(comfy, rendering, "training-step-200", "CtrLoRATrain")
+    assert _node_widget_value(comfy, node_id, "ctrlora_loss").startswith("step 200/200")
+    assert _colour_pixels(early, TRAIN_BLUE) > 40 and _colour_pixels(late, TRAIN_BLUE) > 40, (early, late)
+    assert _pixels(early) != _pixels(late), f"the chart was not redrawn: {early} and {late} are the same"
+    # The run's end: the preview grid (ComfyUI's images output) and the report panel on the node.
+    comfy.evaluate("""([id, prompt]) => window.comfyAPI.api.api.dispatchCustomEvent('executed', {node: String(id),
+        display_node: String(id), prompt_id: prompt, output: {text: ['trained dental: 200 steps'],
+        images: [{filename: 'example.png', subfolder: '', type: 'input'}]}})""", [node_id, run["prompt_id"]])
+    comfy.page.wait_for_function("""(id) => {
+        const node = window.app.graph.getNodeById(id);
+        const img = document.querySelector(`[data-node-id="${id}"] img`) ?? node.imgs?.[0];
+        return img?.complete && img.naturalWidth > 0;
+    }""", arg=node_id, timeout=10_000)
+    assert _node_widget_value(comfy, node_id, "ctrlora_info") == "trained dental: 200 steps"
+    path = _shot(comfy, rendering, "training-done", "CtrLoRATrain")
+    assert _colour_pixels(path, PANEL_BORDERS["info"], tolerance=20) > 20, path
+    comfy.evaluate("() => window.app.graph.clear()")
+    # LoRA info after a run, then an error from the next run, on Load CtrLoRA.
+    assert _run_in_page(comfy, server, tiny_graph(), "tiny")["status"]["status_str"] == "success"
+    comfy.page.wait_for_function("() => window.app.graph.getNodeById(3)?.widgets?.some((w) => "
+                                 "w.name === 'ctrlora_info' && w.value)", timeout=10_000)
+    path = _shot(comfy, rendering, "lora-info", "CtrLoRALoad")
+    assert _colour_pixels(path, PANEL_BORDERS["info"], tolerance=20) > 20, path
+    assert _run_in_page(comfy, server, tiny_graph(lora_name="base.ckpt"), "tiny")["status"]["status_str"] == "error"
+    comfy.page.wait_for_function("() => window.app.graph.getNodeById(3)?.widgets?.some((w) => "
+                                 "w.name === 'ctrlora_notice' && w.value)", timeout=10_000)
+    comfy.close_dialogs()
+    path = _shot(comfy, rendering, "node-error", "CtrLoRALoad")
+    assert _colour_pixels(path, PANEL_BORDERS["error"], tolerance=20) > 20, path
+    # A model file the workflow names that the models folder lacks.
+    workflow = copy.deepcopy(WORKFLOWS["ctrlora-1-canny-sd15.json"])
+    loader = next(n for n in workflow["nodes"] if n["type"] == "CtrLoRALoad")
+    loader["widgets_values"][0] = "ctrlora_sd15_basecn700k_depth_rank128.ckpt"
+    comfy.load_workflow(workflow)
+    comfy.close_dialogs()
+    path = _shot(comfy, rendering, "missing-model-file", "CtrLoRALoad")
+    assert _colour_pixels(path, PANEL_BORDERS["hint"], tolerance=20) > 20, path

@@ -197,6 +197,20 @@ class ComfyPage:
         """Texts of the open dialogs (missing nodes, missing models, errors, ...)."""
         return self.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText)")
 
+    def missing_models(self, timeout=30_000):
+        """The text of what the frontend shows for a loaded workflow's missing model files, found as its own tests
+        do: the classic frontend's dialog (``.comfy-missing-models``, a Download button per file) or, in newer
+        frontends, the error overlay's 'See errors' opened on the missing-model group of the errors panel."""
+        dialog = self.page.locator(".comfy-missing-models")
+        overlay = self.page.get_by_test_id("error-overlay")
+        dialog.or_(overlay).first.wait_for(timeout=timeout)
+        if dialog.is_visible():
+            return dialog.inner_text()
+        overlay.get_by_test_id("error-overlay-see-errors").click()
+        group = self.page.get_by_test_id("error-group-missing-model")
+        group.wait_for(timeout=timeout)
+        return group.inner_text()
+
     def close_dialogs(self):
         self.page.keyboard.press("Escape")
         self.page.wait_for_timeout(200)
@@ -208,8 +222,12 @@ class ComfyPage:
             const nodes = window.app.graph.nodes.filter((n) => n.type.startsWith(prefix));
             if (!nodes.length) return null;
             let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+            const canvas = window.app.canvas;
             for (const n of nodes) {
-                const [x, y, w, h] = n.boundingRect;
+                let [x, y, w, h] = n.boundingRect;
+                // Nodes 2.0 draws nodes in the DOM, where they may be taller than their canvas size.
+                const element = document.querySelector(`[data-node-id="${n.id}"]`);
+                if (element) h = Math.max(h, element.getBoundingClientRect().height / canvas.ds.scale);
                 x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
             }
             [x0, y0, x1, y1] = [x0 - padding, y0 - padding, x1 + padding, y1 + padding];
@@ -218,7 +236,6 @@ class ComfyPage:
                 const [W, H] = w / h < aspect ? [h * aspect, h] : [w, w / aspect];
                 [x0, y0, x1, y1] = [cx - W / 2, cy - H / 2, cx + W / 2, cy + H / 2];
             }
-            const canvas = window.app.canvas;
             canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0]);
             canvas.setDirty(true, true);
             canvas.draw(true, true);

@@ -69,9 +69,14 @@ function refresh(node) {
 }
 
 // The classic canvas redraws when marked dirty; Nodes 2.0 (Vue nodes) draws each of our widgets into a canvas of its
-// own, redrawn only through the triggerDraw it gives the widget.
+// own, redrawn only through the triggerDraw it gives the widget, at the height of its last canvas layout
+// (computedHeight) if it had one: a panel that was empty then gets its new height here.
 function redraw(node) {
-  for (const widget of node.widgets ?? []) if (widget.name?.startsWith("ctrlora_")) widget.triggerDraw?.();
+  for (const widget of node.widgets ?? []) {
+    if (!widget.name?.startsWith("ctrlora_") || !widget.triggerDraw) continue;
+    widget.computedHeight = Math.max(0, widget.computeSize(node.size[0])[1]);
+    widget.triggerDraw();
+  }
   node.setDirtyCanvas?.(true, true);
   app.graph?.setDirtyCanvas(true, true);
 }
