@@ -6,6 +6,7 @@ Chromium with no settings then opens that URL as a first-time user: ComfyUI show
 'ComfyUI-CtrLoRA' (one click) and the canny workflow (second click) give a graph with the pack's nodes. The model
 files are missing on a fresh machine, and the page says which and where they go.
 """
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import COMFYUI, ROOT
 from test_server import PACK_LINK, Server
-from ui_host import ComfyPage, chromium_page, skip_reason
+from ui_host import FRONTEND_ARGS, ComfyPage, chromium_page, skip_reason
 
 FIRST_WORKFLOW = "ctrlora-1-canny-sd15"
 START_TIMEOUT = 120
@@ -45,7 +46,7 @@ def started(tmp_path_factory):
     env = {**os.environ, "PYTHON": sys.executable, "PORT": str(server.port), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "2"}
     with open(server.log_path, "wb") as log:
-        server.proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "run_comfyui.sh"), str(comfyui)],
+        server.proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "run_comfyui.sh"), str(comfyui), *FRONTEND_ARGS],
                                        cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env)
     try:
@@ -93,10 +94,12 @@ def test_a_new_user_reaches_a_ctrlora_graph_in_two_clicks(started):
         page.wait_for_function("() => window.app.graph.nodes.some((n) => n.type === 'CtrLoRAApply')", timeout=15_000)
         types = comfy.evaluate("() => window.app.graph.nodes.map((n) => n.type)")
         assert {"CtrLoRALoadBase", "CtrLoRALoad", "CtrLoRAVAEConditionEncode", "CtrLoRAApply"} <= set(types)
-        # A fresh install has none of the models: ComfyUI offers the SD1.5 download, our loaders say where theirs go.
-        page.wait_for_timeout(1000)
-        dialogs = "\n".join(comfy.dialogs())
-        assert "v1-5-pruned-emaonly.safetensors" in dialogs
+        # A fresh install has none of the models: the frontend names each file the workflow's loaders carry (the
+        # classic dialog offers the .safetensors download, newer frontends all three), our loaders say where theirs go.
+        workflow = json.load(open(os.path.join(ROOT, "workflows", f"{FIRST_WORKFLOW}.json")))
+        wanted = {model["name"] for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])}
+        missing = comfy.missing_models()
+        assert len(wanted) == 3 and all(name in missing for name in wanted), missing
         comfy.screenshot("first-run-3-missing-models.png")
         comfy.close_dialogs()
         hints = comfy.evaluate("() => window.app.graph.nodes.flatMap((n) => (n.widgets ?? [])"
