@@ -151,7 +151,7 @@ def sd15_meta_setup():
     model = comfy.model_patcher.ModelPatcher(inner, load_device=torch.device("cpu"), offload_device="cpu")
     manifest = json.load(open(os.path.join(tiny.DATA, "sd15_key_manifest.json")))
     base_keys = manifest["base_controlnet"]["keys_core_plus_zero_convs_and_norms"]
-    meta = lambda keys: {k[len("control_model."):]: torch.empty(s, device="meta") for k, s in keys.items()}  # noqa: E731
+    meta = lambda keys: {k.split(".", 1)[1]: torch.empty(s, device="meta") for k, s in keys.items()}  # noqa: E731
     control_model = core.model.build_from_state_dict(meta(base_keys), torch.float16, "meta",
                                                      comfy.ops.disable_weight_init, "sd15")
     control_model.set_attention_heads(SD15_UNET)
