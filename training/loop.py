@@ -24,6 +24,7 @@ from .checkpointing import checkpoint_targets, gradient_checkpointing
 from .dataset import load_image, scan
 from .encode import encode_dataset, fingerprint
 from .frozen import prepare_frozen
+from .memory import training_memory_required
 from .objective import NoisePrediction
 from .precision import PRECISIONS, Updater, choose_precision
 from .previews import Previewer, PreviewSettings, items_from_dataset, items_from_image
@@ -333,9 +334,10 @@ class Trainer:
         # Before ComfyUI loads them: never replace parameters it has already moved or pinned.
         prepare_frozen(self.model.model)
         prepare_frozen(self.base.model)
-        shape = [config.batch_size * 2, *self.data.targets.shape[1:]]
-        comfy.model_management.load_models_gpu([self.model, self.base.patcher],
-                                               memory_required=self.model.model.memory_required(shape))
+        # Room for the backward pass too, not just ComfyUI's inference estimate (see memory.py).
+        required = training_memory_required(self.objective, self.base, [config.batch_size, *self.data.targets.shape[1:]],
+                                            self.precision.compute, config.gradient_checkpointing, self.adapter)
+        comfy.model_management.load_models_gpu([self.model, self.base.patcher], memory_required=required)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.updater = Updater(self.precision, self.optimizer, LABEL, config.advice())
         if saved is not None:
@@ -465,12 +467,12 @@ class Trainer:
                 condition = self._train_and_save()
                 grid = self.previewer.grid() if self.previewer is not None else None
         except comfy.model_management.InterruptProcessingException:
-            self.reporter.finished("cancelled", self.step, self.config.steps, self.notes[-1] if self.notes else "")
+            self.reporter.finished("cancelled", self.step, self.config.steps, "saved; queue again with resume on")
             raise
         except Exception as e:
             self.reporter.finished("error", self.step, self.config.steps, str(e).splitlines()[0] if str(e) else "")
             raise
-        self.reporter.finished("done", self.step, self.config.steps, self.output_path)
+        self.reporter.finished("done", self.step, self.config.steps, os.path.basename(self.output_path))
         return TrainResult(condition, self.output_path, self.step, list(self.losses), self._report(),
                            validation_losses=list(self.validation_losses), preview_grid=grid)
 
