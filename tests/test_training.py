@@ -318,6 +318,25 @@ def test_out_of_range_settings_are_refused(dataset, out, overrides, message):
 
 # --- the node ------------------------------------------------------------------------------------------------------
 
+def test_frozen_models_are_prepared_before_comfyui_loads_them(dataset, out, monkeypatch):
+    """Weights a node made under inference mode are replaced by copies autograd can use before ComfyUI loads the
+    models (moves, pins or patches them), never after: a model a sampler left loaded is unloaded first."""
+    with torch.inference_mode():
+        model, base = tiny.tiny_model(), golden_base()
+    comfy.model_management.load_models_gpu([model])  # as a sampling run leaves it
+    loads = []
+    load_models_gpu = comfy.model_management.load_models_gpu
+
+    def spy(models, *args, **kwargs):
+        loads.append(any(p.is_inference() for m in models for p in m.model.parameters()))
+        return load_models_gpu(models, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", spy)
+    trainer(model, base, tiny.tiny_vae(), dataset, out, "cond", config=config(steps=1)).prepare()
+    assert loads and not any(loads)
+    assert any(m is model for m in comfy.model_management.loaded_models())
+
+
 def test_node_trains_inside_inference_mode_with_a_real_clip(golden_files, input_dataset):
     """As ComfyUI runs it: models loaded and the node executed under torch.inference_mode(), a real (tiny) CLIP."""
     node = pack.nodes.training.TrainCtrLoRA
