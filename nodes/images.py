@@ -22,6 +22,14 @@ class LoadConditionImage(comfy_nodes.LoadImage):
                    "(16-bit and float images scaled to 8 bits as the official loader does, not clipped). Use it for "
                    "condition images at inference. MASK: 1 - alpha, as Load Image.")
     CATEGORY = CATEGORY
+    OUTPUT_TOOLTIPS = ("The image as Train CtrLoRA reads its images, in [0, 1].",
+                       "1 - alpha, as Load Image's (zeros when the file has no alpha).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["required"]["image"][1]["tooltip"] = "A file of ComfyUI's input folder (upload one here)."
+        return types
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):

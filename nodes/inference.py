@@ -10,6 +10,9 @@ from . import model_folders
 from .messages import warn_on_node
 
 CATEGORY = "conditioning/ctrlora"
+# The pack's own socket types, declared once (saved workflows name them).
+BASE_TYPE = "CTRLORA_BASE"
+CONDITION_TYPE = "CTRLORA"
 
 
 class LoadBaseControlNet:
@@ -20,8 +23,9 @@ class LoadBaseControlNet:
         return {"required": {"base_name": (model_folders.list_files(model_folders.BASE_FOLDERS),
                                            {"tooltip": "From models/ctrlora/ or models/controlnet/."})}}
 
-    RETURN_TYPES = ("CTRLORA_BASE",)
+    RETURN_TYPES = (BASE_TYPE,)
     RETURN_NAMES = ("base",)
+    OUTPUT_TOOLTIPS = ("The base ControlNet, held once: connect it to every Load CtrLoRA.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
@@ -42,14 +46,15 @@ class LoadCtrLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "base": ("CTRLORA_BASE",),
+            "base": (BASE_TYPE, {"tooltip": "From Load Base ControlNet: the shared base this LoRA runs on."}),
             "lora_name": (model_folders.list_files([model_folders.FOLDER]) + _embedded_conditions(),
                           {"tooltip": "From models/ctrlora/; 'file:adapter' is a condition built into a "
                                       "CtrLoRA-XL base file."}),
         }}
 
-    RETURN_TYPES = ("CTRLORA",)
+    RETURN_TYPES = (CONDITION_TYPE,)
     RETURN_NAMES = ("condition",)
+    OUTPUT_TOOLTIPS = ("One condition (its LoRA on the shared base): connect it to Apply CtrLoRA.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
@@ -75,12 +80,14 @@ class VAEConditionEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "vae": ("VAE",)},
+        return {"required": {"image": ("IMAGE", {"tooltip": "The condition image (a canny map, a depth map, ...)."}),
+                             "vae": ("VAE", {"tooltip": "The VAE of the checkpoint you sample with."})},
                 "optional": {"model_family": (list(FAMILIES), {
                     "default": "SD1.5", "tooltip": "The checkpoint's family: SD1.5, or SDXL for CtrLoRA-XL."})}}
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("condition_latent",)
+    OUTPUT_TOOLTIPS = ("The condition image's latent: connect it to Apply CtrLoRA's condition_latent.",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
@@ -97,18 +104,23 @@ class ApplyCtrLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "condition": ("CTRLORA",),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning, or an earlier Apply CtrLoRA's."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning; it gets the control too, as in "
+                                                     "the official sampler."}),
+            "condition": (CONDITION_TYPE, {"tooltip": "From Load CtrLoRA (or Train CtrLoRA's condition)."}),
             "condition_latent": ("LATENT", {"tooltip": "From VAE Condition Encode."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "Weight of this condition (official default 1.0; 0-2 is the useful range)."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                        "tooltip": "Share of the sampling at which the control starts (0: at once)."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "Share of the sampling at which the control stops (1: at the end)."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The positive conditioning with this condition's control.",
+                       "The negative conditioning with the same control.")
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 

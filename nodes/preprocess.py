@@ -24,12 +24,14 @@ def _percent(default, what):
 class _Preprocessor:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("condition_image",)
+    OUTPUT_TOOLTIPS = ("The condition image: encode it with VAE Condition Encode.",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), **cls.parameters(), "resolution": RESOLUTION}}
+        return {"required": {"image": ("IMAGE", {"tooltip": "The picture to make the condition image of."}),
+                             **cls.parameters(), "resolution": RESOLUTION}}
 
     @classmethod
     def parameters(cls):

@@ -13,6 +13,7 @@ from ..training.previews import PreviewSettings
 from ..training.schedule import SCHEDULES
 from ..training.validation import MAX_PAIRS as MAX_HELD_OUT
 from . import model_folders
+from .inference import BASE_TYPE, CONDITION_TYPE
 
 CATEGORY = "conditioning/ctrlora"
 NO_START = "none (new condition)"
@@ -32,7 +33,7 @@ class TrainCtrLoRA:
                 "model": ("MODEL", {"tooltip": "The SD1.5 checkpoint's model (frozen; the control is trained for it)."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP: each distinct prompt is encoded once."}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: hints and targets are encoded once, as at inference."}),
-                "base": ("CTRLORA_BASE", {"tooltip": "From Load Base ControlNet (frozen)."}),
+                "base": (BASE_TYPE, {"tooltip": "From Load Base ControlNet (frozen)."}),
                 "dataset_folder": ("STRING", {"default": "", "tooltip": (
                     f"A folder with {PROMPT_FILE} (one JSON object per line: source, target, prompt) or with source/ "
                     "and target/ holding images of the same names (optional <name>.txt captions), inside ComfyUI's "
@@ -47,7 +48,8 @@ class TrainCtrLoRA:
                 "rank": ("INT", {"default": 128, "min": RANK_RANGE[0], "max": RANK_RANGE[1],
                                  "tooltip": "LoRA rank (official: 128)."}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip": "Optimizer steps in total."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256,
+                                       "tooltip": "Pairs per micro-batch (official: 1)."}),
                 "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024,
                                               "tooltip": "Micro-batches per optimizer step."}),
                 "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1.0, "step": 1e-6, "round": False,
@@ -56,7 +58,8 @@ class TrainCtrLoRA:
                                              "tooltip": "Probability that a prompt is replaced by '' (official: 0.3)."}),
                 "resolution": ("INT", {"default": 512, "min": RESOLUTION_RANGE[0], "max": RESOLUTION_RANGE[1],
                                        "step": 8, "tooltip": "Images are resized and centre-cropped to this size."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Seed of the run's draws (pair order, empty prompts, noise, timesteps)."}),
                 "save_every": ("INT", {"default": 250, "min": 0, "max": 1_000_000, "tooltip": (
                     "Save the resumable state and an intermediate LoRA every N steps (0: only when the run stops).")}),
                 "resume": ("BOOLEAN", {"default": True, "tooltip": (
@@ -82,10 +85,14 @@ class TrainCtrLoRA:
                     "folder; a grid of all of them at the end). 0: none.")}),
                 "preview_image": ("IMAGE", {"tooltip": (
                     "Optional condition image(s) for the previews (empty prompt); default: held-out pairs.")}),
-                "preview_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim"}),
-                "preview_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
-                "preview_steps": ("INT", {"default": 10, "min": 1, "max": 100}),
-                "preview_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5}),
+                "preview_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim",
+                                                                       "tooltip": "Sampler of the preview images."}),
+                "preview_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal",
+                                                                           "tooltip": "Scheduler of the previews."}),
+                "preview_steps": ("INT", {"default": 10, "min": 1, "max": 100,
+                                          "tooltip": "Sampling steps per preview."}),
+                "preview_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5,
+                                          "tooltip": "CFG scale of the previews."}),
                 "keep_snapshots": ("INT", {"default": TrainConfig.keep_snapshots, "min": 0, "max": 1000, "tooltip": (
                     "Intermediate LoRA files kept in the run folder (the newest); the resumable state is always "
                     "kept until the run finishes.")}),
@@ -99,8 +106,11 @@ class TrainCtrLoRA:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("CTRLORA", "STRING", "IMAGE")
+    RETURN_TYPES = (CONDITION_TYPE, "STRING", "IMAGE")
     RETURN_NAMES = ("condition", "report", "preview_grid")
+    OUTPUT_TOOLTIPS = ("The trained condition (its LoRA on the base): connect it to Apply CtrLoRA.",
+                       "The run's report: data, steps, losses and where the file went.",
+                       "The preview images of the run in a condition | target | previews grid.")
     OUTPUT_NODE = True
     FUNCTION = "train"
     CATEGORY = CATEGORY
