@@ -178,8 +178,11 @@ class _SavedTensors:
         self.blocks = []  # per block call: (its inputs {storage: bytes}, what it saved {storage: bytes})
         self.active = []
         self.control = 0  # bytes of the control outputs: their gradients wait for the UNet's whole backward
+        self.alive = []
 
     def _entry(self, tensor):
+        # Held until the probe ends: a freed storage's address could be reused by a later one, merging two entries.
+        self.alive.append(tensor)
         storage = tensor.untyped_storage()
         return storage._cdata, storage.nbytes()
 
