@@ -71,13 +71,16 @@ def _write_json(path, document):
         json.dump(document, f)
 
 
-def _to_json(value):
+def _to_json(value, finite=False):
+    """``value`` with tensors as numbers; with ``finite``, non-finite numbers as None (strict JSON has no NaN)."""
     if isinstance(value, torch.Tensor):
-        return value.item()
+        value = value.item()
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [_to_json(v, finite) for v in value]
     if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
+        return {k: _to_json(v, finite) for k, v in value.items()}
     return value
 
 
@@ -208,17 +211,7 @@ def disk_usage(folder):
 
 def to_json_text(value):
     """A value as JSON text for a safetensors metadata field (non-finite numbers as null)."""
-    return json.dumps(_finite(_to_json(value)))
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+    return json.dumps(_to_json(value, finite=True))
 
 
 def from_json_text(text):
