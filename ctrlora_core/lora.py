@@ -58,6 +58,11 @@ class ConditionAdapter(torch.nn.Module):
         return {n: t.to(device=device, dtype=t.dtype if t.requires_grad else dtype)
                 for n, t in zip(self.names, self.tensors)}
 
+    def frozen_copy(self, dtype, device=None):
+        """A detached copy for inference (e.g. of a condition being trained), in ``dtype`` on ``device``."""
+        return ConditionAdapter({n: t.detach().to(device=device, dtype=dtype).clone()
+                                 for n, t in zip(self.names, self.tensors)}, self.rank)
+
     def file_tensors(self):
         """The tensors under their official key names (without ``control_model.``)."""
         return {file_key(n): t for n, t in zip(self.names, self.tensors)}

@@ -400,9 +400,7 @@ class Trainer:
         run_state.prune_snapshots(self.run_folder, self.config.keep_snapshots)
         if os.path.isdir(self.run_folder) and not os.listdir(self.run_folder):
             os.rmdir(self.run_folder)
-        final = ConditionAdapter({n: t.detach().to("cpu", torch.float32).clone()
-                                  for n, t in zip(self.adapter.names, self.adapter.tensors)}, self.adapter.rank)
-        final.to(dtype=self.base.dtype)
+        final = self.adapter.frozen_copy(self.base.dtype, "cpu")
         return Condition(self.base, final, os.path.basename(self.output_path))
 
     def _check_run_folder(self, saved):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import comfy.sample
 
-from ..ctrlora_core import Condition, ConditionAdapter, apply_control
+from ..ctrlora_core import Condition, apply_control
 from ..ctrlora_core.atomic import write_replace
 
 MAX_ITEMS = 2
@@ -72,9 +72,7 @@ class Previewer:
 
     def sample(self, adapter, step):
         """Samples every item with a frozen copy of ``adapter``; saves the strip; returns it ([H, n*W, 3])."""
-        frozen = ConditionAdapter({n: t.detach().to(self.base.dtype).clone()
-                                   for n, t in zip(adapter.names, adapter.tensors)}, adapter.rank)
-        condition = Condition(self.base, frozen, f"preview@{step}")
+        condition = Condition(self.base, adapter.frozen_copy(self.base.dtype), f"preview@{step}")
         s = self.settings
         pictures = []
         with torch.no_grad():
