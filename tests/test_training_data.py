@@ -196,7 +196,7 @@ def test_contexts_of_different_lengths_batch_like_comfyui(tmp_path):
     data = training.EncodedDataset(
         hints=torch.zeros(2, 4, 2, 2), targets=torch.zeros(2, 4, 2, 2), prompt_ids=torch.tensor([0, 1]),
         contexts=[torch.ones(1, 77, 3), torch.arange(154 * 3.0).view(1, 154, 3)], prompts=["", "long"],
-        names=["a", "b"], fingerprint="x")
+        names=["a", "b"])
     batch = data.context_batch(torch.tensor([0, 1]), "cpu", torch.float32)
     assert batch.shape == (2, 154, 3)
     torch.testing.assert_close(batch[0], torch.ones(154, 3))

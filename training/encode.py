@@ -53,7 +53,6 @@ class EncodedDataset:
     contexts: list  # [1, tokens, dim] per distinct prompt; contexts[0] is the empty prompt
     prompts: list  # the distinct prompts, same order
     names: list  # pair names, same order as hints
-    fingerprint: str
 
     def __len__(self):
         return self.hints.shape[0]
@@ -152,5 +151,5 @@ def encode_dataset(pairs, report, vae, encode_prompt, latent_format, resolution,
     check_prompt_widths(prompts)
     return EncodedDataset(
         hints=hints, targets=targets, prompt_ids=ids, contexts=prompts.contexts, prompts=list(prompts.ids),
-        names=[p.name for p in kept], fingerprint=fingerprint(kept, resolution),
+        names=[p.name for p in kept],
     )
